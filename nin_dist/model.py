@@ -1,0 +1,197 @@
+"""The NiN network in the seed's exact `nn.Sequential` layout.
+
+`NiN()` with no arguments is the seed's `net`: four NiN blocks (k x k conv + two 1x1 convs, each
+followed by ReLU), max-pools between them, dropout before the last block, global average pooling.
+Its state_dict keys (`0.0.weight`, `0.2.weight`, ..., `7.4.bias`) equal the seed's, so a d2l
+checkpoint loads unchanged.
+
+The kernel switch (`model.kernel`) only changes how a block's two 1x1 convs are computed: `torch`
+runs the block's layers as they are; `triton` runs the k x k conv, then one fused Triton kernel for
+ReLU -> 1x1 -> ReLU -> 1x1 -> ReLU on the same parameters.
+
+`python -m nin_dist.model --trace` prints the layer-by-layer output shapes in the seed's format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch import nn
+
+from nin_dist.config import ModelConfig
+from nin_dist.errors import ConfigError
+
+NUM_CLASSES = 10
+SEED_WIDTHS = (96, 256, 384)  # the seed's block widths; the last block has NUM_CLASSES channels
+POOL_KERNEL, POOL_STRIDE = 3, 2
+
+
+def nin_block(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int,
+              batchnorm: bool = False) -> nn.Sequential:
+    """k x k conv (+ optional BatchNorm), ReLU, then two 1x1 conv + ReLU pairs."""
+    layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)]
+    if batchnorm:
+        layers.append(nn.BatchNorm2d(out_channels))
+    layers += [nn.ReLU(),
+               nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU(),
+               nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def block_widths(cfg: ModelConfig) -> tuple[int, int, int]:
+    return tuple(max(1, round(c * cfg.width)) for c in SEED_WIDTHS)
+
+
+class NiN(nn.Sequential):
+    """The seed's network; `cfg` changes width, dropout, BatchNorm, stem and the kernel switch."""
+
+    def __init__(self, cfg: ModelConfig = ModelConfig(), in_channels: int = 1):
+        c1, c2, c3 = block_widths(cfg)
+        bn = cfg.batchnorm
+        super().__init__(
+            nin_block(in_channels, c1, cfg.stem_kernel, cfg.stem_stride, cfg.stem_padding, bn),
+            nn.MaxPool2d(POOL_KERNEL, stride=POOL_STRIDE),
+            nin_block(c1, c2, kernel_size=5, stride=1, padding=2, batchnorm=bn),
+            nn.MaxPool2d(POOL_KERNEL, stride=POOL_STRIDE),
+            nin_block(c2, c3, kernel_size=3, stride=1, padding=1, batchnorm=bn),
+            nn.MaxPool2d(POOL_KERNEL, stride=POOL_STRIDE),
+            nn.Dropout(cfg.dropout),
+            nin_block(c3, NUM_CLASSES, kernel_size=3, stride=1, padding=1, batchnorm=bn),
+            nn.AdaptiveAvgPool2d((1, 1)),
+            nn.Flatten(),
+        )
+        # Index of the k x k conv's last pre-ReLU layer (the conv, or its BatchNorm) in each block.
+        self._stem_end = 2 if bn else 1
+        self.kernel = "torch"
+
+    def set_kernel(self, kernel: str) -> None:
+        """'torch' or 'triton'; never changes parameters or state_dict keys."""
+        if kernel not in ("torch", "triton"):
+            raise ValueError(f"kernel must be 'torch' or 'triton', got {kernel!r}")
+        self.kernel = kernel
+
+    def _block(self, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "torch":
+            return block(x)
+        from kernels import fused_pointwise_mlp
+
+        for layer in block[: self._stem_end]:
+            x = layer(x)
+        conv1, conv2 = block[self._stem_end + 1], block[self._stem_end + 3]
+        # The fused op takes the stem's ReLU on load (relu_input=True).
+        return fused_pointwise_mlp(x, conv1.weight, conv1.bias, conv2.weight, conv2.bias, relu_input=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = self._block(layer, x) if isinstance(layer, nn.Sequential) else layer(x)
+        return x
+
+
+def init_weights(model: nn.Module) -> None:
+    """The seed's init (d2l.train_ch6): Xavier-uniform conv/linear weights, PyTorch's default biases."""
+    for m in model.modules():
+        if type(m) in (nn.Linear, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight)
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """'auto' -> 'triton' on CUDA when the kernels import, else 'torch'."""
+    if kernel == "torch":
+        return "torch"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if kernel == "triton":
+        if device.type != "cuda" and not interpreted:
+            raise ConfigError("model.kernel=triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); "
+                              "use model.kernel=auto or torch")
+        try:
+            import kernels  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(f"model.kernel=triton: the Triton kernels cannot be imported ({err})") from None
+        return "triton"
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import kernels  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> NiN:
+    """NiN on `device` with the seed's init and the resolved kernel switch."""
+    device = torch.device(device)
+    model = NiN(cfg)
+    init_weights(model)
+    model.set_kernel(resolve_kernel(cfg.kernel, device))
+    return model.to(device)
+
+
+# --------------------------------------------------------------------------- shape arithmetic
+
+def feature_sizes(cfg: ModelConfig, size: int) -> list[int] | None:
+    """Spatial side after each of the 7 spatial layers (blocks and pools), or None if it vanishes."""
+    sizes = []
+    side = (size + 2 * cfg.stem_padding - cfg.stem_kernel) // cfg.stem_stride + 1
+    for _ in range(3):
+        if side < 1:
+            return None
+        sizes.append(side)  # block output (blocks 2-4 keep the size: 5x5 pad 2, 3x3 pad 1)
+        side = (side - POOL_KERNEL) // POOL_STRIDE + 1
+        if side < 1:
+            return None
+        sizes.append(side)
+    sizes.append(side)  # last block
+    return sizes
+
+
+def smallest_input_size(cfg: ModelConfig, limit: int = 4096) -> int:
+    """Smallest square input side that survives every conv and pool of the network."""
+    for size in range(1, limit + 1):
+        if feature_sizes(cfg, size) is not None:
+            return size
+    raise ConfigError(f"model.stem_*: no input up to {limit} pixels fits this stem")
+
+
+def flops_per_image(cfg: ModelConfig, size: int) -> float:
+    """Forward FLOPs (2 per multiply-add) of every conv for one size x size image."""
+    widths = (*block_widths(cfg), NUM_CLASSES)
+    in_ch = (1, *widths[:3])
+    kernels = (cfg.stem_kernel, 5, 3, 3)
+    block_sides = feature_sizes(cfg, size)[0::2]  # outputs of blocks 1-4
+    total = 0.0
+    for cin, cout, k, side in zip(in_ch, widths, kernels, block_sides):
+        pixels = side * side
+        total += 2 * pixels * cout * (cin * k * k + 2 * cout)  # k x k conv + two 1x1 convs
+    return total
+
+
+def trace(model: nn.Sequential, size: int = 224) -> list[str]:
+    """The seed's shape table: one `<Layer> output shape:\\t <shape>` line per top-level layer."""
+    x = torch.rand(1, 1, size, size)
+    lines = []
+    with torch.no_grad():
+        for layer in model:
+            x = layer(x)
+            lines.append(f"{layer.__class__.__name__} output shape:\t {x.shape}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nin_dist.model", description=__doc__.splitlines()[0])
+    parser.add_argument("--trace", action="store_true", help="print layer output shapes (the seed's table)")
+    parser.add_argument("--size", type=int, default=224, help="input side, pixels")
+    args = parser.parse_args(argv)
+    model = NiN().eval()
+    if args.trace:
+        print("\n".join(trace(model, args.size)))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"parameters: {n_params:,}  forward GFLOP/image at {args.size}: "
+          f"{flops_per_image(ModelConfig(), args.size) / 1e9:.3f}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
