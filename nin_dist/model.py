@@ -23,6 +23,7 @@ from torch import nn
 
 from nin_dist.config import ModelConfig
 from nin_dist.errors import ConfigError
+from nin_dist.layers import CrossRankBatchNorm2d, GlobalBatchDropout
 
 NUM_CLASSES = 10
 SEED_WIDTHS = (96, 256, 384)  # the seed's block widths; the last block has NUM_CLASSES channels
@@ -34,7 +35,7 @@ def nin_block(in_channels: int, out_channels: int, kernel_size: int, stride: int
     """k x k conv (+ optional BatchNorm), ReLU, then two 1x1 conv + ReLU pairs."""
     layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)]
     if batchnorm:
-        layers.append(nn.BatchNorm2d(out_channels))
+        layers.append(CrossRankBatchNorm2d(out_channels))
     layers += [nn.ReLU(),
                nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU(),
                nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU()]
@@ -48,7 +49,8 @@ def block_widths(cfg: ModelConfig) -> tuple[int, int, int]:
 class NiN(nn.Sequential):
     """The seed's network; `cfg` changes width, dropout, BatchNorm, stem and the kernel switch."""
 
-    def __init__(self, cfg: ModelConfig = ModelConfig(), in_channels: int = 1):
+    def __init__(self, cfg: ModelConfig | None = None, in_channels: int = 1):
+        cfg = cfg or ModelConfig()
         c1, c2, c3 = block_widths(cfg)
         bn = cfg.batchnorm
         super().__init__(
@@ -58,7 +60,7 @@ class NiN(nn.Sequential):
             nn.MaxPool2d(POOL_KERNEL, stride=POOL_STRIDE),
             nin_block(c2, c3, kernel_size=3, stride=1, padding=1, batchnorm=bn),
             nn.MaxPool2d(POOL_KERNEL, stride=POOL_STRIDE),
-            nn.Dropout(cfg.dropout),
+            GlobalBatchDropout(cfg.dropout),
             nin_block(c3, NUM_CLASSES, kernel_size=3, stride=1, padding=1, batchnorm=bn),
             nn.AdaptiveAvgPool2d((1, 1)),
             nn.Flatten(),
@@ -66,6 +68,12 @@ class NiN(nn.Sequential):
         # Index of the k x k conv's last pre-ReLU layer (the conv, or its BatchNorm) in each block.
         self._stem_end = 2 if bn else 1
         self.kernel = "torch"
+
+    def set_dropout_rows(self, offset: int, global_rows: int, seed: int) -> None:
+        """Which rows of the global batch this rank holds, and the step's dropout seed."""
+        for m in self.modules():
+            if isinstance(m, GlobalBatchDropout):
+                m.set_rows(offset, global_rows, seed)
 
     def set_kernel(self, kernel: str) -> None:
         """'torch' or 'triton'; never changes parameters or state_dict keys."""
@@ -162,10 +170,15 @@ def flops_per_image(cfg: ModelConfig, size: int) -> float:
     kernels = (cfg.stem_kernel, 5, 3, 3)
     block_sides = feature_sizes(cfg, size)[0::2]  # outputs of blocks 1-4
     total = 0.0
-    for cin, cout, k, side in zip(in_ch, widths, kernels, block_sides):
+    for cin, cout, k, side in zip(in_ch, widths, kernels, block_sides, strict=True):
         pixels = side * side
         total += 2 * pixels * cout * (cin * k * k + 2 * cout)  # k x k conv + two 1x1 convs
     return total
+
+
+def _torch_layer_name(layer: nn.Module) -> str:
+    """The torch.nn class a layer is (ours subclass them), so the table reads like the seed's."""
+    return next(c.__name__ for c in type(layer).__mro__ if c.__module__.startswith("torch.nn"))
 
 
 def trace(model: nn.Sequential, size: int = 224) -> list[str]:
@@ -175,7 +188,7 @@ def trace(model: nn.Sequential, size: int = 224) -> list[str]:
     with torch.no_grad():
         for layer in model:
             x = layer(x)
-            lines.append(f"{layer.__class__.__name__} output shape:\t {x.shape}")
+            lines.append(f"{_torch_layer_name(layer)} output shape:\t {x.shape}")
     return lines
 
 

@@ -1,0 +1,128 @@
+"""The process group from torchrun's environment, rank helpers, DDP wrap and reductions.
+
+torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; they are
+the only inputs read here. Without them a process is a world of one and no process group is made.
+Backend: nccl on CUDA, gloo on the CPU. Reductions say in their names where the result lives:
+`all_reduce_sum_` works in place on a device tensor, `*_float` returns a host number (a sync).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from nin_dist.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    backend: str | None  # None for a world of one without a process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+
+def _pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices; "
+                              f"lower --nproc_per_node")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto", threads: int | None = None,
+                     timeout: datetime.timedelta = datetime.timedelta(minutes=10)) -> DistInfo:
+    """Read torchrun's environment, pick the device, and join the process group (if any)."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    dev = _pick_device(device, local_rank)
+    if dev.type == "cpu":
+        # Processes on one machine share its cores; oversubscribing them makes every rank slower.
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(threads or max(1, cores // local_world_size))
+    else:
+        torch.cuda.set_device(dev)
+    backend = None
+    if world_size > 1:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank, local_rank, world_size, local_world_size, dev, backend)
+
+
+def destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo, bucket_cap_mb: float) -> nn.Module:
+    """DDP across the world, or the model itself in a world of one."""
+    if info.world_size == 1:
+        return model
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    # gradient_as_bucket_view: grads alias the buckets, saving one copy per step. Buffers (BatchNorm
+    # running stats) are equal on every rank already (CrossRankBatchNorm2d), so no per-step broadcast.
+    return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=bucket_cap_mb,
+                                   gradient_as_bucket_view=True, broadcast_buffers=False)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and torch.compile wrappers (its state_dict has no prefixes)."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place, on the tensor's device (no host sync)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s Python object on every rank."""
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """True only if `flag` is true on every rank (one host sync)."""
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    return all_reduce_sum_(t).item() == 0.0

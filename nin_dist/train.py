@@ -1,0 +1,294 @@
+"""Train NiN on Fashion-MNIST: one process, N processes, N GPUs or many nodes, all the same way.
+
+    nin-train --config configs/cpu.yaml                                  # a world of one
+    torchrun --standalone --nproc_per_node=2 -m nin_dist.train --config configs/cpu.yaml
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 \\
+        -m nin_dist.train --config configs/d2l.yaml                      # on each node
+    nin-train --sync-tracking runs/NAME                                  # replay unsent MLflow data
+
+Overrides are dotted `key=value` pairs after the options (`train.epochs=2 data.root=DIR`).
+`train.batch_size` is the global batch: each of N ranks takes batch_size / N of it, and the run
+resumes from `run.out_dir/checkpoints/last.pt` when one exists (so `torchrun --max-restarts` just
+works). Exit codes: 0 done, 2 user error (one line), 1 anything else (with its traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.elastic.multiprocessing.errors import record
+from tqdm import tqdm
+
+from nin_dist import checkpoint as ckpt
+from nin_dist import distributed
+from nin_dist.config import Config, config_hash, dump_yaml, load_config, model_relevant, replace
+from nin_dist.data import TrainBatches, eval_batches, load_datasets, to_inputs
+from nin_dist.distributed import DistInfo
+from nin_dist.errors import ConfigError, UserError
+from nin_dist.logs import init_logging
+from nin_dist.model import build_model
+from nin_dist.optim import build_optimizer, build_scheduler
+from nin_dist.perf import mfu
+from nin_dist.tracking import make_tracker, sync_spool
+
+log = logging.getLogger("nin_dist.train")
+
+
+class DivergedError(UserError):
+    """The training loss became NaN or infinite."""
+
+
+def train_step(model, inputs, labels, opt, scaler, scheduler, cfg: Config, autocast):
+    """One optimizer step on this rank's slice of the global batch; returns (loss, logits), no sync."""
+    opt.zero_grad(set_to_none=True)
+    with autocast:
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, labels, label_smoothing=cfg.optim.label_smoothing)
+    scaler.scale(loss).backward()  # DDP averages the gradients over ranks while this runs
+    if cfg.optim.grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    scheduler.step()
+    return loss.detach(), logits.detach()
+
+
+@torch.no_grad()
+def evaluate(model, split, cfg: Config, info: DistInfo, autocast, with_predictions: bool = False):
+    """Exact test metrics: each rank scores its own shard, sums are reduced, every image counts once.
+
+    Returns (loss, acc, count, predictions-or-None); predictions is the full [N] vector on every rank.
+    """
+    model.eval()
+    sums = torch.zeros(3, device=info.device, dtype=torch.float64)  # loss sum, correct, images
+    preds = torch.zeros(len(split), device=info.device, dtype=torch.long) if with_predictions else None
+    for inputs, labels, index in eval_batches(split, cfg.data, cfg.train.eval_batch_size, info.rank,
+                                              info.world_size):
+        inputs = inputs.contiguous(memory_format=_memory_format(cfg))
+        with autocast:
+            logits = model(inputs).float()
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum")
+        sums[1] += (logits.argmax(1) == labels).sum()
+        sums[2] += labels.numel()
+        if preds is not None:
+            preds[index.to(info.device)] = logits.argmax(1)
+    distributed.all_reduce_sum_(sums)
+    if preds is not None:
+        distributed.all_reduce_sum_(preds)  # every other rank holds zeros at this rank's indices
+    loss, correct, count = sums.tolist()
+    model.train()
+    return loss / count, correct / count, int(count), preds
+
+
+def _memory_format(cfg: Config):
+    return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.train.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _resolve_run(cfg: Config, info: DistInfo) -> Config:
+    """Give the run a name and folder that every rank agrees on and a torchrun restart finds again."""
+    name = cfg.run.name
+    if name is None:
+        elastic_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        name = distributed.broadcast_object(f"nin-{elastic_id[:12]}" if elastic_id != "none" else f"nin-{stamp}")
+    out_dir = cfg.run.out_dir or str(Path("runs") / name)
+    return replace(cfg, run={"name": name, "out_dir": out_dir})
+
+
+def _check_world(cfg: Config, info: DistInfo) -> None:
+    if cfg.train.batch_size % info.world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the world size "
+                          f"{info.world_size} (it is the global batch)")
+    if cfg.train.precision == "fp16" and info.device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs CUDA; use bf16 or fp32 on the CPU")
+
+
+def fit(cfg: Config, info: DistInfo) -> dict:
+    """Build everything, train, evaluate each epoch, write metrics.json; returns the final metrics."""
+    started = time.perf_counter()
+    out_dir = Path(cfg.run.out_dir)
+    torch.manual_seed(cfg.seed)
+    train_split, test_split = (s.to(info.device) for s in load_datasets(cfg.data))
+    batches = TrainBatches(train_split, cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.seed)
+
+    model = build_model(cfg.model, info.device).to(memory_format=_memory_format(cfg))
+    raw_model = model
+    opt = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(opt, cfg.optim, batches.steps_per_epoch, cfg.train.epochs)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16")
+
+    checkpointer = ckpt.Checkpointer(out_dir, info)
+    digest = config_hash(cfg)
+    state = checkpointer.load_for_resume(digest, model_relevant(cfg), cfg.run.allow_config_change) \
+        if cfg.run.resume else None
+    epoch, epoch_step, step, run_id = 0, 0, 0, None
+    if state is not None:
+        raw_model.load_state_dict(state[ckpt.MODEL])
+        opt.load_state_dict(state[ckpt.OPTIMIZER])
+        scheduler.load_state_dict(state[ckpt.SCHEDULER])
+        scaler.load_state_dict(state[ckpt.SCALER])
+        ckpt.set_rng_state(state[ckpt.RNG])
+        epoch, epoch_step, step = state[ckpt.EPOCH], state[ckpt.EPOCH_STEP], state[ckpt.STEP]
+        run_id = state.get(ckpt.MLFLOW_RUN_ID)
+        log.info("resuming from %s at epoch %d, step %d", checkpointer.path, epoch + 1, step)
+
+    model = distributed.wrap_ddp(model, info, cfg.train.bucket_cap_mb)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    tags = {"world_size": str(info.world_size), "nodes": str(info.num_nodes), "backend": info.backend or "none",
+            "device_name": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
+            "kernel": raw_model.kernel}
+    tracker = make_tracker(cfg, info, out_dir, run_id, tags)
+    status = "FAILED"
+    try:
+        if info.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(dump_yaml(cfg))
+            tracker.log_artifact_file(out_dir / "config.yaml")
+        if state is None:
+            tracker.log_datasets(train_split, test_split)
+
+        def save(next_epoch: int, next_epoch_step: int) -> None:
+            checkpointer.save({
+                ckpt.MODEL: raw_model.state_dict(), ckpt.OPTIMIZER: opt.state_dict(),
+                ckpt.SCHEDULER: scheduler.state_dict(), ckpt.SCALER: scaler.state_dict(),
+                ckpt.RNG: ckpt.rng_state(), ckpt.EPOCH: next_epoch, ckpt.EPOCH_STEP: next_epoch_step,
+                ckpt.STEP: step, ckpt.CONFIG_HASH: digest, ckpt.CONFIG: model_relevant(cfg),
+                ckpt.MLFLOW_RUN_ID: tracker.run_id, ckpt.RUN_NAME: cfg.run.name})
+
+        autocast = _autocast(cfg, info.device)
+        max_steps = cfg.train.max_steps or math.inf
+        results = {}
+        bar = tqdm(total=batches.steps_per_epoch * cfg.train.epochs, initial=step, unit="step",
+                   disable=not (info.is_main and cfg.train.progress), dynamic_ncols=True)
+        while epoch < cfg.train.epochs and step < max_steps:
+            t0 = time.perf_counter()
+            sums = torch.zeros(3, device=info.device, dtype=torch.float64)  # loss sum, correct, images
+            images_seen = 0
+            for inputs, labels in batches.epoch(epoch, epoch_step):
+                inputs = inputs.contiguous(memory_format=_memory_format(cfg))
+                raw_model.set_dropout_rows(info.rank * batches.local_batch, batches.global_batch,
+                                           seed=cfg.seed * 1_000_003 + step)
+                loss, logits = train_step(model, inputs, labels, opt, scaler, scheduler, cfg, autocast)
+                sums += torch.stack([loss * labels.numel(), (logits.argmax(1) == labels).sum(),
+                                     torch.tensor(labels.numel(), device=info.device)])
+                step, epoch_step, images_seen = step + 1, epoch_step + 1, images_seen + batches.global_batch
+                bar.update(1)
+                if step == 1 or step % cfg.train.log_every == 0:
+                    # The one host sync between logs: the loss value.
+                    loss_value = distributed.all_reduce_sum_(loss.float().clone()).item() / info.world_size
+                    _check_finite(loss_value, step, epoch, checkpointer.path)
+                    img_s = images_seen / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{img_s:.0f}")
+                    tracker.log_metrics({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step)
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                    save(epoch, epoch_step)
+                if step >= max_steps:
+                    break
+            epoch_s = time.perf_counter() - t0
+            train_loss_sum, train_correct, train_count = distributed.all_reduce_sum_(sums).tolist()
+            train_count = max(1.0, train_count)
+            _check_finite(train_loss_sum, step, epoch, checkpointer.path)
+            epoch_done = epoch_step == batches.steps_per_epoch
+            last = (epoch + 1 == cfg.train.epochs and epoch_done) or step >= max_steps
+            test_loss, test_acc, test_count, preds = evaluate(raw_model, test_split, cfg, info, autocast, last)
+            img_s = images_seen / epoch_s
+            results = {
+                "train/loss": train_loss_sum / train_count, "train/acc": train_correct / train_count,
+                "test/loss": test_loss, "test/acc": test_acc, "perf/img_per_s": img_s, "perf/epoch_s": epoch_s,
+                "perf/mfu": mfu(img_s, cfg, info.device, info.world_size, info.local_world_size)}
+            log.info("epoch %d/%d  train loss %.4f acc %.4f | test loss %.4f acc %.4f (%d images) | "
+                     "%.0f img/s | %.1f s | MFU %.2f%%", epoch + 1, cfg.train.epochs, results["train/loss"],
+                     results["train/acc"], test_loss, test_acc, test_count, img_s, epoch_s,
+                     100 * results["perf/mfu"])
+            tracker.log_metrics(results, step)
+            if epoch_done:
+                epoch, epoch_step = epoch + 1, 0
+            save(epoch, epoch_step)
+            if last:
+                tracker.log_test_predictions(test_split, preds.cpu())
+        bar.close()
+
+        metrics = {"test_acc": results.get("test/acc"), "test_loss": results.get("test/loss"),
+                   "train_loss": results.get("train/loss"), "train_acc": results.get("train/acc"),
+                   "img_per_s": results.get("perf/img_per_s"), "epochs": epoch, "steps": step,
+                   "world_size": info.world_size, "mlflow_run_id": tracker.run_id,
+                   "wall_s": time.perf_counter() - started}
+        if info.is_main:
+            (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            tracker.log_artifact_file(out_dir / "metrics.json")
+            example = test_split.images[:4].cpu()
+            tracker.log_model(raw_model, to_inputs(example, cfg.data))
+        status = "FINISHED"
+        return metrics
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.close(status)
+
+
+def _check_finite(loss: float, step: int, epoch: int, last_checkpoint: Path) -> None:
+    if not math.isfinite(loss):
+        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint.exists() else "no checkpoint yet"
+        raise DivergedError(f"train/loss is {loss} at step {step} (epoch {epoch + 1}); {kept}; "
+                            f"lower optim.lr or set optim.grad_clip")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="nin-train", description="Train NiN on Fashion-MNIST (see module doc).")
+    parser.add_argument("--config", help="YAML config (configs/cpu.yaml, configs/d2l.yaml, configs/fast.yaml)")
+    parser.add_argument("--sync-tracking", metavar="RUN_DIR",
+                        help="replay the MLflow data a run could not send into its run, then exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser.parse_args(argv)
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    info = None
+    try:
+        if args.sync_tracking:
+            init_logging(0)
+            return sync_spool(Path(args.sync_tracking))
+        cfg = load_config(args.config, args.overrides)
+        info = distributed.init_distributed(cfg.train.device, cfg.train.threads)
+        init_logging(info.rank)
+        _check_world(cfg, info)
+        cfg = _resolve_run(cfg, info)
+        log.info("run %s -> %s (world size %d, %s)", cfg.run.name, cfg.run.out_dir, info.world_size, info.device)
+        fit(cfg, info)
+        return 0
+    except UserError as err:
+        print(f"nin-train: error: {err}", file=sys.stderr)
+        return err.exit_code
+    finally:
+        distributed.destroy()
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
