@@ -1,0 +1,24 @@
+"""Shared fixtures: the real Fashion-MNIST root and a per-test seed."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# CI sets NIN_DATA_DIR; a checkout next to the shared data finds it without.
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Path(os.environ.get("NIN_DATA_DIR", DEFAULT_DATA))
+    if not (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"real Fashion-MNIST not found at {root}: set NIN_DATA_DIR")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,117 @@
+"""NiN against the seed: its shape table, its state_dict keys and outputs, its parameter count."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from nin_dist.config import ModelConfig
+from nin_dist.model import NiN, build_model, feature_sizes, flops_per_image, smallest_input_size
+
+# The seed's table (../shared/seed, cell 5), line for line.
+SEED_TABLE = """\
+Sequential output shape:\t torch.Size([1, 96, 54, 54])
+MaxPool2d output shape:\t torch.Size([1, 96, 26, 26])
+Sequential output shape:\t torch.Size([1, 256, 26, 26])
+MaxPool2d output shape:\t torch.Size([1, 256, 12, 12])
+Sequential output shape:\t torch.Size([1, 384, 12, 12])
+MaxPool2d output shape:\t torch.Size([1, 384, 5, 5])
+Dropout output shape:\t torch.Size([1, 384, 5, 5])
+Sequential output shape:\t torch.Size([1, 10, 5, 5])
+AdaptiveAvgPool2d output shape:\t torch.Size([1, 10, 1, 1])
+Flatten output shape:\t torch.Size([1, 10])"""
+
+
+def seed_net() -> nn.Sequential:
+    """Built exactly as the seed builds `net` (nin_block + nn.Sequential, same arguments)."""
+    def nin_block(in_channels, out_channels, kernel_size, strides, padding):
+        return nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size, strides, padding), nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU())
+
+    return nn.Sequential(
+        nin_block(1, 96, kernel_size=11, strides=4, padding=0), nn.MaxPool2d(3, stride=2),
+        nin_block(96, 256, kernel_size=5, strides=1, padding=2), nn.MaxPool2d(3, stride=2),
+        nin_block(256, 384, kernel_size=3, strides=1, padding=1), nn.MaxPool2d(3, stride=2),
+        nn.Dropout(0.5),
+        nin_block(384, 10, kernel_size=3, strides=1, padding=1),
+        nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten())
+
+
+def test_trace_cli_prints_the_seed_table():
+    out = subprocess.run([sys.executable, "-m", "nin_dist.model", "--trace"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().splitlines() == SEED_TABLE.splitlines()
+
+
+def test_seed_state_dict_loads_strict_and_gives_identical_outputs(tmp_path):
+    seed = seed_net()
+    torch.save(seed.state_dict(), tmp_path / "seed.pt")
+    ours = NiN()
+    assert list(ours.state_dict()) == list(seed.state_dict())
+    ours.load_state_dict(torch.load(tmp_path / "seed.pt", weights_only=True), strict=True)
+    x = torch.rand(2, 1, 224, 224)
+    seed.eval()
+    ours.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(x), seed(x))
+
+
+def test_parameter_count_matches_the_seed():
+    assert sum(p.numel() for p in NiN().parameters()) == 1_992_166
+    assert sum(p.numel() for p in seed_net().parameters()) == 1_992_166
+
+
+def test_init_is_xavier_uniform_with_default_biases():
+    model = build_model(ModelConfig(), "cpu")
+    w = model[0][0].weight  # 96 x 1 x 11 x 11
+    bound = (6.0 / (1 * 121 + 96 * 121)) ** 0.5
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    b = model[0][0].bias  # PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert b.abs().max() <= 1 / 121 ** 0.5
+
+
+def test_width_batchnorm_and_stem_change_shapes_not_structure():
+    cfg = ModelConfig(width=0.25, batchnorm=True, stem_kernel=5, stem_stride=1, stem_padding=2)
+    model = NiN(cfg)
+    assert [type(m).__name__ for m in model[0]][:3] == ["Conv2d", "CrossRankBatchNorm2d", "ReLU"]
+    out = model.eval()(torch.rand(3, 1, 28, 28))
+    assert out.shape == (3, 10)
+    assert feature_sizes(cfg, 28) == [28, 13, 13, 6, 6, 2, 2]
+
+
+@pytest.mark.parametrize("cfg, smallest", [(ModelConfig(), 67), (ModelConfig(stem_kernel=5, stem_stride=1,
+                                                                                    stem_padding=2), 15)])
+def test_smallest_input_size_is_tight(cfg, smallest):
+    assert smallest_input_size(cfg) == smallest
+    NiN(cfg).eval()(torch.rand(1, 1, smallest, smallest))  # runs
+    with pytest.raises(RuntimeError):
+        NiN(cfg).eval()(torch.rand(1, 1, smallest - 1, smallest - 1))
+
+
+def test_flops_match_a_count_from_the_layers():
+    # Independent count: hooks on every Conv2d of the real module at 224.
+    model, total = NiN(), []
+
+    def hook(m, inp, out):
+        total.append(2 * out.numel() * m.in_channels * m.kernel_size[0] * m.kernel_size[1])
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(hook)
+    model.eval()(torch.rand(1, 1, 224, 224))
+    assert flops_per_image(ModelConfig(), 224) == pytest.approx(sum(total))
+    assert sum(total) == pytest.approx(1.52e9, rel=0.01)  # DESIGN.md's count
+
+
+def test_kernel_switch_keeps_parameters_and_keys():
+    model = NiN()
+    keys = list(model.state_dict())
+    model.set_kernel("torch")
+    assert list(model.state_dict()) == keys
+    with pytest.raises(ValueError):
+        model.set_kernel("cuda")
+    assert build_model(ModelConfig(kernel="auto"), "cpu").kernel == "torch"  # auto on the CPU
