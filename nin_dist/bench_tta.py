@@ -1,0 +1,58 @@
+"""Time to accuracy: wall seconds from launch until the test accuracy first reaches a target.
+
+Each seed is a fresh `nin-train` process (its start-up and data loading count); the test set is
+evaluated at every epoch end, and the trainer's metrics.json history gives when each evaluation
+finished. Reports each seed and the median.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from nin_dist.bench import format_table, machine, write_json
+from nin_dist.errors import UserError
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", default="configs/cpu.yaml")
+    p.add_argument("--target", type=float, default=0.91, help="test accuracy to reach")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def time_to_accuracy(config: str, seed: int, target: float, overrides: list[str], out_dir: Path) -> dict:
+    cmd = [sys.executable, "-m", "nin_dist.train", "--config", config, f"seed={seed}", "tracking.enabled=false",
+           "train.progress=false", "run.resume=false", f"run.out_dir={out_dir}", *overrides]
+    launched = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode != 0:
+        raise UserError(f"tta run (seed {seed}) failed: {proc.stderr.strip().splitlines()[-1:]}")
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    reached = next((h for h in metrics["history"] if h["test_acc"] >= target), None)
+    return {"seed": seed, "tta_s": reached["time"] - launched if reached else None,
+            "epoch": reached["epoch"] if reached else None, "final_test_acc": metrics["test_acc"],
+            "total_s": time.time() - launched}
+
+
+def run(args) -> int:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            rows.append(time_to_accuracy(args.config, seed, args.target, args.overrides, Path(tmp) / str(seed)))
+            print(f"seed {seed}: {rows[-1]}", flush=True)
+    reached = [r["tta_s"] for r in rows if r["tta_s"] is not None]
+    median = statistics.median(reached) if len(reached) == len(rows) else None
+    print(f"time to test accuracy {args.target}: {args.config} {' '.join(args.overrides)}")
+    print(format_table(rows, ["seed", "tta_s", "epoch", "final_test_acc", "total_s"]))
+    print(f"median: {median if median is None else f'{median:.1f} s'}"
+          f"{'' if median is not None else ' (target not reached by every seed)'}")
+    write_json(args.json, {"benchmark": "tta", "machine": machine(), "config": args.config, "target": args.target,
+                           "overrides": args.overrides, "rows": rows, "median_s": median})
+    return 0
