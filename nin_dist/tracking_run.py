@@ -1,0 +1,104 @@
+"""The MLflow run at start: create it (or take it up again on a resume), with its params and tags.
+
+- A new run goes into `tracking.experiment` (created if missing) under `run.name`, with MLflow's
+  context tags (user, source, git) and ours (`run_tags`).
+- A resume takes the run id from the checkpoint and continues that run: status back to RUNNING,
+  tags refreshed (the world may differ). MLflow refuses to change a param, so keys already logged
+  keep their first value (a warning lists those that differ) and only new keys are added.
+- Params are the resolved config with dotted keys (`train.epochs`), `tracking.uri` without its
+  password. Every value goes through `clean` (secret redaction) first.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+from nin_dist import tracking_store as store
+from nin_dist.config import flatten
+from nin_dist.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 100  # params / tags per MLflow request (its limit)
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def run_tags(info, tags: dict[str, str]) -> dict[str, str]:
+    """Where and with what the run ran; the trainer's `tags` take precedence."""
+    import torch
+
+    out = {"world_size": str(info.world_size), "nodes": str(info.num_nodes), "backend": info.backend or "none",
+           "torch_version": torch.__version__, "triton_version": _version("triton"),  # torch's with its build
+           "mlflow_version": _version("mlflow"), "python_version": platform.python_version()}
+    # The working folder's repository, else the one holding this code (a run folder may be elsewhere).
+    commit = store.git_commit() or store.git_commit(Path(__file__).parent)
+    if commit:
+        out["git_commit"] = commit
+    return out | {key: str(value) for key, value in tags.items()}
+
+
+def experiment_id(client, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException:  # another process created it meanwhile
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise TrackingError(f"tracking.experiment={name!r} is deleted in {store.redact_uri(client.tracking_uri)}; "
+                            f"restore it or choose another name")
+    return experiment.experiment_id
+
+
+def open_run(client, cfg, info, resume_run_id: str | None, tags: dict[str, str],
+             clean: Callable[[object], str]) -> str:
+    """The id of the new or resumed run, its params and tags logged."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking.context.registry import resolve_tags
+
+    shown = store.redact_uri(client.tracking_uri)
+    params = {key: clean(value) for key, value in flatten(cfg).items()}
+    params["tracking.uri"] = clean(store.redact_uri(cfg.tracking.uri))
+    tags = {key: clean(value) for key, value in run_tags(info, tags).items()}
+    if resume_run_id:
+        try:
+            run = client.get_run(resume_run_id)
+        except MlflowException:
+            raise TrackingError(f"MLflow run {resume_run_id} (from the checkpoint) is not in {shown}; use the "
+                                f"tracking.uri the run started with, or run.resume=false") from None
+        if run.info.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow run {resume_run_id} (from the checkpoint) is deleted in {shown}; "
+                                f"restore it, or start afresh with run.resume=false")
+        run_id = resume_run_id
+        client.update_run(run_id, status="RUNNING")
+        old = run.data.params
+        changed = sorted(key for key in params if key in old and old[key] != params[key])
+        if changed:
+            log.warning("tracking: resumed run %s keeps its first values of %s", run_id, ", ".join(changed))
+        params = {key: value for key, value in params.items() if key not in old}
+        items = [RunTag(key, value) for key, value in tags.items()]
+        for lo in range(0, len(items), MAX_BATCH):
+            client.log_batch(run_id, tags=items[lo: lo + MAX_BATCH])
+    else:
+        run = client.create_run(experiment_id(client, cfg.tracking.experiment), run_name=clean(cfg.run.name),
+                                tags={key: clean(value) for key, value in resolve_tags(tags).items()})
+        run_id = run.info.run_id
+    items = [Param(key, value) for key, value in params.items()]
+    for lo in range(0, len(items), MAX_BATCH):
+        client.log_batch(run_id, params=items[lo: lo + MAX_BATCH])
+    return run_id

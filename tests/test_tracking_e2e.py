@@ -1,0 +1,140 @@
+"""MLflow tracking through the real trainer: torchrun with 2 gloo processes, a world of one, the CLI.
+
+Each run trains the cpu config on the first 512 / 256 images for one epoch (2 steps) and is read
+back from its sqlite store with MlflowClient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import pytest
+from mlflow import MlflowClient
+
+from nin_dist.config import flatten, load_config
+from nin_dist.data import load_split, to_inputs
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("NIN_DATA_DIR", REPO.parent / "shared" / "data" / "fashion-mnist"))
+SMOKE = ["data.train_limit=512", "data.test_limit=256", "train.epochs=1", "train.progress=false",
+         "tracking.system_metrics=false"]
+PREDICTION_FILES = {"confusion_matrix.png", "confusion_matrix.csv", "per_class_accuracy.csv",
+                    "per_class_accuracy.json", "misclassified.png"}
+
+pytestmark = pytest.mark.slow
+
+
+def train(cwd: Path, *args: str, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """nin-train (under torchrun when nproc > 1) in `cwd`; fails the test with the output on error."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    env = os.environ | {"NIN_DATA_DIR": str(DATA)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([*launcher, "-m", "nin_dist.train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"nin-train exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def only_run(uri: str):
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+def test_torchrun_two_processes_log_one_complete_run(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = [*SMOKE, f"tracking.uri={uri}", "run.name=e2e", f"run.out_dir={tmp_path}/run"]
+    train(tmp_path, "--config", str(REPO / "configs" / "cpu.yaml"), *overrides, nproc=2)
+
+    client, run = only_run(uri)
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED" and run.info.run_name == "e2e"
+    resolved = load_config(REPO / "configs" / "cpu.yaml", [*overrides])
+    params = {k: str(v) for k, v in flatten(resolved).items()}
+    params["run.out_dir"] = f"{tmp_path}/run"
+    assert run.data.params == params
+    tags = run.data.tags
+    assert (tags["world_size"], tags["nodes"], tags["backend"], tags["kernel"], tags["device_name"]) == \
+        ("2", "1", "gloo", "torch", "cpu")
+    assert {"torch_version", "triton_version", "mlflow_version"} <= set(tags)
+
+    steps = {k: [m.step for m in client.get_metric_history(run_id, k)] for k in run.data.metrics}
+    assert steps["train/loss"] == [1, 2] and steps["train/lr"] == [1]  # step 1, then the epoch's end
+    for key in ("train/acc", "test/loss", "test/acc", "perf/img_per_s", "perf/epoch_s", "perf/mfu"):
+        assert steps[key] == [2], key
+
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    test_split = load_split(DATA, "test", limit=256)
+    assert set(inputs) == {"fashion-mnist-train[:512]", "fashion-mnist-test[:256]"}
+    assert inputs["fashion-mnist-test[:256]"].dataset.digest == test_split.digest
+
+    paths = {a.path for a in client.list_artifacts(run_id)} | \
+        {a.path for a in client.list_artifacts(run_id, "predictions")}
+    assert paths == {"config.yaml", "metrics.json", "predictions"} | {f"predictions/{f}" for f in PREDICTION_FILES}
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["mlflow_run_id"] == run_id
+    assert run.data.metrics["test/acc"] == pytest.approx(metrics["test_acc"])
+
+    mlflow.set_tracking_uri(uri)
+    (output,) = run.outputs.model_outputs
+    model = mlflow.pytorch.load_model(f"models:/{output.model_id}")
+    x = to_inputs(test_split.images[:4], resolved.data)
+    assert model(x).shape == (4, 10)
+    assert not (tmp_path / "run" / "tracking-spool").exists()
+
+
+def test_restart_continues_the_same_run(tmp_path):
+    """A second start of the same run folder resumes the checkpoint and the MLflow run with it."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = ["--config", str(REPO / "configs" / "cpu.yaml"), *SMOKE, f"tracking.uri={uri}", "run.name=again",
+              f"run.out_dir={tmp_path}/run"]
+    train(tmp_path, *common, "train.max_steps=1")
+    first = json.loads((tmp_path / "run" / "metrics.json").read_text())["mlflow_run_id"]
+    train(tmp_path, *common)
+    client, run = only_run(uri)
+    assert run.info.run_id == first == json.loads((tmp_path / "run" / "metrics.json").read_text())["mlflow_run_id"]
+    assert run.info.status == "FINISHED"
+    # Each start evaluates at its end: step 1 (max_steps), then step 2 (the epoch's end).
+    assert [m.step for m in client.get_metric_history(first, "test/acc")] == [1, 2]
+    assert {m.step for m in client.get_metric_history(first, "train/loss")} == {1, 2}
+    assert run.data.params["train.max_steps"] == "1", "params keep their first value"
+
+
+def test_tracking_disabled_never_imports_mlflow(tmp_path):
+    code = ("import sys\n"
+            "from nin_dist.train import main\n"
+            f"rc = main(['--config', {str(REPO / 'configs' / 'cpu.yaml')!r}, *{SMOKE!r}, 'train.max_steps=1',\n"
+            "            'tracking.enabled=false', 'run.name=off'])\n"
+            "assert rc == 0, rc\n"
+            "assert 'mlflow' not in sys.modules, 'mlflow imported'\n")
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=os.environ | {"NIN_DATA_DIR": str(DATA)},
+                   check=True, timeout=300)
+    assert not (tmp_path / "mlflow.db").exists()
+    assert json.loads((tmp_path / "runs" / "off" / "metrics.json").read_text())["mlflow_run_id"] is None
+
+
+def test_sync_tracking_cli(tmp_path):
+    spool = tmp_path / "run" / "tracking-spool"
+    spool.mkdir(parents=True)
+    assert subprocess.run([sys.executable, "-m", "nin_dist.train", "--sync-tracking", str(tmp_path / "run")],
+                          capture_output=True, timeout=120).returncode == 0, "nothing to send is fine"
+    spool.mkdir(parents=True)
+    (spool / "run.json").write_text(json.dumps({"tracking_uri": "http://127.0.0.1:9"}))
+    (spool / "records.jsonl").write_text(json.dumps({"kind": "metrics", "run_id": "a" * 32, "step": 1,
+                                                     "timestamp": 1, "metrics": {"x/y": 1.0}}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "nin_dist.train", "--sync-tracking", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    error = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(error) == 1 and "http://127.0.0.1:9" in error[0] and "unreachable" in error[0], proc.stderr
+    assert (spool / "records.jsonl").exists(), "kept for a later try"
+
