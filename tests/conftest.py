@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET when it is first imported; without CUDA the kernels run on the CPU
+# interpreter, so set it before any test module can import triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 # CI sets NIN_DATA_DIR; a checkout next to the shared data finds it without.
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
