@@ -4,7 +4,8 @@ A checkpoint is a dict keyed by the module constants below; `MODEL` is the plain
 unwrapped network (no `module.` / `_orig_mod.` prefixes), so `torch.load(path)["model"]` loads into
 `NiN` directly. Rank 0 writes `last.pt.tmp`, fsyncs it, renames it over `last.pt` and fsyncs the
 folder: a process killed at any point leaves the previous `last.pt` whole. Every rank then meets at
-one barrier. Loading uses `torch.load(weights_only=True)`.
+one barrier. A resume is read by rank 0 (with `torch.load(weights_only=True)`) and broadcast, so
+every rank starts from the same state. The trainer never saves NaN/inf weights (see train.py).
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ def load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _one_line(err: Exception, limit: int = 160) -> str:
+    """The first line of an error, shortened: user errors print as one line."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class Checkpointer:
     """Every rank calls `save`; rank 0 writes, all meet at one barrier."""
 
@@ -90,13 +97,30 @@ class Checkpointer:
         distributed.barrier()
 
     def load_for_resume(self, config_hash: str, config: dict[str, Any], allow_change: bool) -> dict | None:
-        """The last checkpoint if there is one and it belongs to this config; else None or an error."""
+        """The last checkpoint if there is one and it belongs to this config; else None or an error.
+
+        Rank 0 reads and checks it and sends the result to every rank, so all ranks resume from the
+        same state (or raise the same error) even where only rank 0 sees `run.out_dir`.
+        """
+        result: dict | CheckpointError | None = None
+        if self.info.is_main:
+            try:
+                result = self._read(config_hash, config, allow_change)
+            except CheckpointError as err:
+                result = err
+        result = distributed.broadcast_object(result)
+        if isinstance(result, CheckpointError):
+            raise result
+        return result
+
+    def _read(self, config_hash: str, config: dict[str, Any], allow_change: bool) -> dict | None:
         if not self.path.is_file():
             return None
         try:
             state = load(self.path)
         except Exception as err:  # a checkpoint that cannot be read is the user's to remove
-            raise CheckpointError(f"{self.path}: cannot be loaded ({err}); delete it or set run.resume=false") from None
+            raise CheckpointError(f"{self.path}: cannot be loaded ({_one_line(err)}); delete it or set "
+                                  f"run.resume=false") from None
         if state.get(CONFIG_HASH) != config_hash and not allow_change:
             old = state.get(CONFIG, {})
             changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))

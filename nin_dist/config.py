@@ -94,7 +94,7 @@ class TrainConfig:
     batch_size: int = 128  # global batch, images (each of N ranks takes batch_size / N)
     eval_batch_size: int = 500  # global evaluation batch, images
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; CUDA only for fp16)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 CUDA only) | fp64 (CPU reference runs)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda
@@ -110,8 +110,8 @@ class TrainConfig:
         _require(self.eval_batch_size >= 1, "train.eval_batch_size", "a positive batch", self.eval_batch_size)
         _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "null or at least 1",
                  self.max_steps)
-        _require(self.precision in ("fp32", "bf16", "fp16"), "train.precision", "fp32, bf16 or fp16",
-                 self.precision)
+        _require(self.precision in ("fp32", "bf16", "fp16", "fp64"), "train.precision",
+                 "fp32, bf16, fp16 or fp64", self.precision)
         _require(self.device in ("auto", "cpu", "cuda"), "train.device", "auto, cpu or cuda", self.device)
         _require(self.threads is None or self.threads >= 1, "train.threads", "null or at least 1", self.threads)
         _require(self.log_every >= 1, "train.log_every", "at least 1", self.log_every)

@@ -1,7 +1,8 @@
 """The process group from torchrun's environment, rank helpers, DDP wrap and reductions.
 
 torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; they are
-the only inputs read here. Without them a process is a world of one and no process group is made.
+the inputs read here, with TORCHELASTIC_RESTART_COUNT to keep restarts apart (see `_attempt_store`).
+Without them a process is a world of one and no process group is made.
 Backend: nccl on CUDA, gloo on the CPU. Reductions say in their names where the result lives:
 `all_reduce_sum_` works in place on a device tensor, `*_float` returns a host number (a sync).
 """
@@ -70,8 +71,26 @@ def init_distributed(device: str = "auto", threads: int | None = None,
     if world_size > 1:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+                                store=_attempt_store(world_size, timeout),
                                 device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank, local_rank, world_size, local_world_size, dev, backend)
+
+
+def _attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """The torchrun agent's store under a prefix of this attempt, or None for init's own env:// store.
+
+    torchrun (2.14) serves every restart of a worker group from the same rendezvous TCPStore at the
+    same MASTER_ADDR:MASTER_PORT, and the process group's keys (each rank's gloo address, the nccl
+    id) carry no attempt in their names: after `--max-restarts` restarts the workers, the new ranks
+    read the dead ranks' addresses and never connect. Keying this attempt's process group by
+    TORCHELASTIC_RESTART_COUNT keeps the attempts apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"nin_dist/attempt_{attempt}/", store)
 
 
 def destroy() -> None:

@@ -2,7 +2,9 @@
 
 Every schedule is a `LambdaLR` over optimizer steps whose factor depends only on (step, total
 steps, warmup steps), so a resumed run and a run cut short by `train.max_steps` follow exactly the
-curve of the full run.
+curve of the full run. A resume rebuilds the schedule at its step rather than loading it, and
+`apply_hyperparameters` puts the config's values back into a loaded optimizer: what a run uses is
+always what its config says (a checkpoint brings only the state: momentum buffers, the step).
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ from nin_dist.config import OptimConfig
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                            weight_decay=cfg.weight_decay)
+
+
+def apply_hyperparameters(opt: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """Overwrite the hyperparameters a loaded optimizer state carries with the config's."""
+    for group in opt.param_groups:
+        group.update(initial_lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                     weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -39,9 +48,16 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
-                    epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+                    epochs: int, step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of a run of `epochs`; `step` optimizer steps already taken (a resume).
+
+    The optimizer's lr is set for step `step` at once, as if `scheduler.step()` had run `step` times.
+    """
+    for group in opt.param_groups:
+        group["initial_lr"] = cfg.lr  # LambdaLR's base lr; required when starting at step > 0
     total = steps_per_epoch * epochs
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if cfg.schedule == "onecycle" and warmup == 0:
         warmup = max(1, total // 4)  # the rise defaults to a quarter of the run
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warmup, cfg.schedule))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, total, warmup, cfg.schedule),
+                                             last_epoch=step - 1)

@@ -9,13 +9,18 @@
 Overrides are dotted `key=value` pairs after the options (`train.epochs=2 data.root=DIR`).
 `train.batch_size` is the global batch: each of N ranks takes batch_size / N of it, and the run
 resumes from `run.out_dir/checkpoints/last.pt` when one exists (so `torchrun --max-restarts` just
-works). Exit codes: 0 done, 2 user error (one line), 1 anything else (with its traceback).
+works). N ranks compute the updates one process computes; in fp32 their rounding differs and
+training amplifies it until the trajectories part, while `train.precision=fp64` (CPU) keeps them
+within ~1e-12 (see nin_dist/layers.py). A NaN/inf loss or state stops the run (exit 2) and never
+overwrites the last good checkpoint. Exit codes: 0 done, 2 user error (one line), 1 anything else
+(with its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -35,10 +40,10 @@ from nin_dist import distributed
 from nin_dist.config import Config, config_hash, dump_yaml, load_config, model_relevant, replace
 from nin_dist.data import TrainBatches, eval_batches, load_datasets, to_inputs
 from nin_dist.distributed import DistInfo
-from nin_dist.errors import ConfigError, UserError
+from nin_dist.errors import CheckpointError, ConfigError, UserError
 from nin_dist.logs import init_logging
 from nin_dist.model import build_model
-from nin_dist.optim import build_optimizer, build_scheduler
+from nin_dist.optim import apply_hyperparameters, build_optimizer, build_scheduler
 from nin_dist.perf import mfu
 from nin_dist.tracking import make_tracker, sync_spool
 
@@ -46,7 +51,7 @@ log = logging.getLogger("nin_dist.train")
 
 
 class DivergedError(UserError):
-    """The training loss became NaN or infinite."""
+    """The training loss, the parameters or the optimizer state became NaN or infinite."""
 
 
 def train_step(model, inputs, labels, opt, scaler, scheduler, cfg: Config, autocast):
@@ -76,9 +81,8 @@ def evaluate(model, split, cfg: Config, info: DistInfo, autocast, with_predictio
     preds = torch.zeros(len(split), device=info.device, dtype=torch.long) if with_predictions else None
     for inputs, labels, index in eval_batches(split, cfg.data, cfg.train.eval_batch_size, info.rank,
                                               info.world_size):
-        inputs = inputs.contiguous(memory_format=_memory_format(cfg))
         with autocast:
-            logits = model(inputs).float()
+            logits = model(_prepare(inputs, cfg)).float()
         sums[0] += F.cross_entropy(logits, labels, reduction="sum")
         sums[1] += (logits.argmax(1) == labels).sum()
         sums[2] += labels.numel()
@@ -96,8 +100,22 @@ def _memory_format(cfg: Config):
     return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
 
+def _param_dtype(cfg: Config) -> torch.dtype:
+    """fp64 keeps parameters and activations in float64; every other precision has fp32 parameters."""
+    return torch.float64 if cfg.train.precision == "fp64" else torch.float32
+
+
+def _prepare(inputs: torch.Tensor, cfg: Config) -> torch.Tensor:
+    return inputs.to(dtype=_param_dtype(cfg), memory_format=_memory_format(cfg))
+
+
+def _dropout_seed(seed: int, step: int) -> int:
+    """The dropout mask's seed for one step: its own stream, apart from the data order's (seed, epoch)."""
+    return (seed + 1) * 0x9E3779B1 + 7919 * step + 1
+
+
 def _autocast(cfg: Config, device: torch.device):
-    if cfg.train.precision == "fp32":
+    if cfg.train.precision in ("fp32", "fp64"):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
@@ -120,6 +138,8 @@ def _check_world(cfg: Config, info: DistInfo) -> None:
                           f"{info.world_size} (it is the global batch)")
     if cfg.train.precision == "fp16" and info.device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs CUDA; use bf16 or fp32 on the CPU")
+    if cfg.train.precision == "fp64" and info.device.type != "cpu":
+        raise ConfigError("train.precision=fp64 is for CPU reference runs; use train.device=cpu or fp32/bf16")
 
 
 def fit(cfg: Config, info: DistInfo) -> dict:
@@ -130,28 +150,23 @@ def fit(cfg: Config, info: DistInfo) -> dict:
     train_split, test_split = (s.to(info.device) for s in load_datasets(cfg.data))
     batches = TrainBatches(train_split, cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.seed)
 
-    model = build_model(cfg.model, info.device).to(memory_format=_memory_format(cfg))
-    raw_model = model
-    opt = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(opt, cfg.optim, batches.steps_per_epoch, cfg.train.epochs)
+    raw_model = build_model(cfg.model, info.device).to(dtype=_param_dtype(cfg), memory_format=_memory_format(cfg))
+    opt = build_optimizer(raw_model, cfg.optim)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16")
-
     checkpointer = ckpt.Checkpointer(out_dir, info)
     digest = config_hash(cfg)
     state = checkpointer.load_for_resume(digest, model_relevant(cfg), cfg.run.allow_config_change) \
         if cfg.run.resume else None
     epoch, epoch_step, step, run_id = 0, 0, 0, None
     if state is not None:
-        raw_model.load_state_dict(state[ckpt.MODEL])
-        opt.load_state_dict(state[ckpt.OPTIMIZER])
-        scheduler.load_state_dict(state[ckpt.SCHEDULER])
-        scaler.load_state_dict(state[ckpt.SCALER])
-        ckpt.set_rng_state(state[ckpt.RNG])
+        _restore(state, raw_model, opt, scaler, cfg, checkpointer.path)
         epoch, epoch_step, step = state[ckpt.EPOCH], state[ckpt.EPOCH_STEP], state[ckpt.STEP]
         run_id = state.get(ckpt.MLFLOW_RUN_ID)
         log.info("resuming from %s at epoch %d, step %d", checkpointer.path, epoch + 1, step)
+    # Built after the restore: the lr of the next step is a function of the step (see nin_dist.optim).
+    scheduler = build_scheduler(opt, cfg.optim, batches.steps_per_epoch, cfg.train.epochs, step)
 
-    model = distributed.wrap_ddp(model, info, cfg.train.bucket_cap_mb)
+    model = distributed.wrap_ddp(raw_model, info, cfg.train.bucket_cap_mb)
     if cfg.train.compile:
         model = torch.compile(model)
     tags = {"world_size": str(info.world_size), "nodes": str(info.num_nodes), "backend": info.backend or "none",
@@ -168,6 +183,11 @@ def fit(cfg: Config, info: DistInfo) -> dict:
             tracker.log_datasets(train_split, test_split)
 
         def save(next_epoch: int, next_epoch_step: int) -> None:
+            # Never write a diverged model over the last good checkpoint (one host sync, per save only).
+            if not distributed.all_ranks_agree(_state_is_finite(raw_model, opt), info.device):
+                raise DivergedError(f"training diverged: the parameters or optimizer state hold NaN/inf after "
+                                    f"step {step} (epoch {epoch + 1}); not saved, {_kept(checkpointer.path)}; "
+                                    f"lower optim.lr or set optim.grad_clip")
             checkpointer.save({
                 ckpt.MODEL: raw_model.state_dict(), ckpt.OPTIMIZER: opt.state_dict(),
                 ckpt.SCHEDULER: scheduler.state_dict(), ckpt.SCALER: scaler.state_dict(),
@@ -177,7 +197,7 @@ def fit(cfg: Config, info: DistInfo) -> dict:
 
         autocast = _autocast(cfg, info.device)
         max_steps = cfg.train.max_steps or math.inf
-        results = {}
+        results, preds = {}, None
         bar = tqdm(total=batches.steps_per_epoch * cfg.train.epochs, initial=step, unit="step",
                    disable=not (info.is_main and cfg.train.progress), dynamic_ncols=True)
         while epoch < cfg.train.epochs and step < max_steps:
@@ -185,11 +205,11 @@ def fit(cfg: Config, info: DistInfo) -> dict:
             sums = torch.zeros(3, device=info.device, dtype=torch.float64)  # loss sum, correct, images
             images_seen = 0
             for inputs, labels in batches.epoch(epoch, epoch_step):
-                inputs = inputs.contiguous(memory_format=_memory_format(cfg))
                 raw_model.set_dropout_rows(info.rank * batches.local_batch, batches.global_batch,
-                                           seed=cfg.seed * 1_000_003 + step)
-                loss, logits = train_step(model, inputs, labels, opt, scaler, scheduler, cfg, autocast)
-                sums += torch.stack([loss * labels.numel(), (logits.argmax(1) == labels).sum(),
+                                           seed=_dropout_seed(cfg.seed, step))
+                loss, logits = train_step(model, _prepare(inputs, cfg), labels, opt, scaler, scheduler, cfg,
+                                          autocast)
+                sums += torch.stack([loss.double() * labels.numel(), (logits.argmax(1) == labels).sum(),
                                      torch.tensor(labels.numel(), device=info.device)])
                 step, epoch_step, images_seen = step + 1, epoch_step + 1, images_seen + batches.global_batch
                 bar.update(1)
@@ -198,7 +218,7 @@ def fit(cfg: Config, info: DistInfo) -> dict:
                     loss_value = distributed.all_reduce_sum_(loss.float().clone()).item() / info.world_size
                     _check_finite(loss_value, step, epoch, checkpointer.path)
                     img_s = images_seen / (time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{img_s:.0f}")
+                    bar.set_postfix_str(f"loss {loss_value:.4f}, {img_s:.0f} img/s")
                     tracker.log_metrics({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step)
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     save(epoch, epoch_step)
@@ -224,9 +244,14 @@ def fit(cfg: Config, info: DistInfo) -> dict:
             if epoch_done:
                 epoch, epoch_step = epoch + 1, 0
             save(epoch, epoch_step)
-            if last:
-                tracker.log_test_predictions(test_split, preds.cpu())
         bar.close()
+        if not results:  # resumed from a checkpoint of a finished run (e.g. a restart after the last save)
+            test_loss, test_acc, test_count, preds = evaluate(raw_model, test_split, cfg, info, autocast, True)
+            results = {"test/loss": test_loss, "test/acc": test_acc}
+            log.info("nothing left to train at epoch %d, step %d | test loss %.4f acc %.4f (%d images)",
+                     epoch, step, test_loss, test_acc, test_count)
+        if preds is not None:
+            tracker.log_test_predictions(test_split, preds.cpu())
 
         metrics = {"test_acc": results.get("test/acc"), "test_loss": results.get("test/loss"),
                    "train_loss": results.get("train/loss"), "train_acc": results.get("train/acc"),
@@ -237,7 +262,9 @@ def fit(cfg: Config, info: DistInfo) -> dict:
             (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             tracker.log_artifact_file(out_dir / "metrics.json")
             example = test_split.images[:4].cpu()
-            tracker.log_model(raw_model, to_inputs(example, cfg.data))
+            # The logged model is fp32 whatever the run's precision: what inference uses.
+            logged = raw_model if _param_dtype(cfg) == torch.float32 else copy.deepcopy(raw_model).float()
+            tracker.log_model(logged, to_inputs(example, cfg.data))
         status = "FINISHED"
         return metrics
     except KeyboardInterrupt:
@@ -247,11 +274,34 @@ def fit(cfg: Config, info: DistInfo) -> dict:
         tracker.close(status)
 
 
+def _restore(state: dict, raw_model, opt, scaler, cfg: Config, path: Path) -> None:
+    """Load a checkpoint's model, optimizer, scaler and RNG state; the config keeps its hyperparameters."""
+    try:
+        raw_model.load_state_dict(state[ckpt.MODEL])
+        opt.load_state_dict(state[ckpt.OPTIMIZER])
+    except (RuntimeError, ValueError, KeyError) as err:  # a different architecture, e.g. model.width
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"{path} does not fit this model ({first}); use another run.out_dir "
+                              f"or run.resume=false") from None
+    apply_hyperparameters(opt, cfg.optim)
+    scaler.load_state_dict(state[ckpt.SCALER])
+    ckpt.set_rng_state(state[ckpt.RNG])
+
+
+def _state_is_finite(raw_model, opt) -> bool:
+    tensors = [t for t in raw_model.state_dict().values() if t.is_floating_point()]
+    tensors += [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
+def _kept(path: Path) -> str:
+    return f"the last good checkpoint {path} is kept" if path.exists() else "no checkpoint was written"
+
+
 def _check_finite(loss: float, step: int, epoch: int, last_checkpoint: Path) -> None:
     if not math.isfinite(loss):
-        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint.exists() else "no checkpoint yet"
-        raise DivergedError(f"train/loss is {loss} at step {step} (epoch {epoch + 1}); {kept}; "
-                            f"lower optim.lr or set optim.grad_clip")
+        raise DivergedError(f"training diverged: train/loss is {loss} (NaN/inf) at step {step} (epoch {epoch + 1}); "
+                            f"{_kept(last_checkpoint)}; lower optim.lr or set optim.grad_clip")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

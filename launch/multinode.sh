@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Train across machines: run this on every node with the same RDZV_ENDPOINT and RDZV_ID. The c10d
+# rendezvous (hosted by the torchrun on the RDZV_ENDPOINT host) forms the job, gives every process
+# its RANK / WORLD_SIZE, and restarts all workers up to MAX_RESTARTS times after a failure; the run
+# resumes from run.out_dir/checkpoints/last.pt, so run.out_dir must be on storage every node sees.
+#
+# Examples:
+#   # two nodes with 8 GPUs each; node0 is 10.0.0.1 (run on both):
+#   RDZV_ENDPOINT=10.0.0.1:29400 RDZV_ID=nin-42 launch/multinode.sh --config configs/d2l.yaml
+#   # elastic: start with whatever 1 to 4 nodes are up, admit more as they come:
+#   NNODES=1:4 RDZV_ENDPOINT=10.0.0.1:29400 RDZV_ID=nin-43 launch/multinode.sh --config configs/d2l.yaml
+#   # two "nodes" of one CPU process each on this machine (what the tests do):
+#   NNODES=2 NPROC_PER_NODE=1 RDZV_ENDPOINT=127.0.0.1:29500 launch/multinode.sh \
+#       --config configs/cpu.yaml train.device=cpu &   # and the same again in a second shell
+#
+# Arguments go to nin-train unchanged: options, then dotted key=value overrides.
+set -euo pipefail
+
+visible_gpus() {
+  if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then  # set, even empty: those devices only
+    tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . || true
+  else
+    nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true
+  fi
+}
+
+NNODES=${NNODES:-2}                            # node count, or MIN:MAX for an elastic job
+NPROC_PER_NODE=${NPROC_PER_NODE:-$(visible_gpus)}
+if [[ "$NPROC_PER_NODE" =~ ^[0-9]+$ && "$NPROC_PER_NODE" -lt 1 ]]; then
+  NPROC_PER_NODE=1
+fi
+RDZV_ENDPOINT=${RDZV_ENDPOINT:-127.0.0.1:29400}  # host:port of the rendezvous, reachable from every node
+RDZV_ID=${RDZV_ID:-nin-dist}                   # one id per job; also names the run (runs/nin-<id>)
+MAX_RESTARTS=${MAX_RESTARTS:-3}                # worker-group restarts before the job fails
+
+exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --rdzv-backend=c10d \
+  --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RDZV_ID" --max-restarts="$MAX_RESTARTS" \
+  -m nin_dist.train "$@"

@@ -1,0 +1,129 @@
+"""Shared test helpers: tiny real-data runs of the trainer, in this process or under torchrun.
+
+Every run here trains on the real Fashion-MNIST cut down with `data.train_limit` / `data.test_limit`
+and `train.max_steps`, with tracking off and one intra-op thread per process (two cores shared by
+everything). Subprocesses get a free port, a timeout, and their own process group so a hung torchrun
+takes its workers with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nin_dist import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_CONFIG = REPO / "configs" / "cpu.yaml"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
+
+
+def data_dir() -> Path:
+    """Where the real data is ($NIN_DATA_DIR, else ../shared/data/fashion-mnist), as conftest.data_root."""
+    root = Path(os.environ.get("NIN_DATA_DIR") or DEFAULT_DATA)
+    if not (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"real Fashion-MNIST not found at {root}: set NIN_DATA_DIR")
+    return root
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess run: the data, unbuffered output, no inherited torchrun vars."""
+    out = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "TORCHELASTIC_RUN_ID")}
+    out.update(NIN_DATA_DIR=str(data_dir()), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
+    out.update(extra)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def overrides(out_dir: Path, **values) -> list[str]:
+    """`key=value` arguments for a tiny CPU run into `out_dir`; keyword `a__b=v` means `a.b=v`."""
+    base = {"tracking.enabled": "false", "train.progress": "false", "train.threads": "1",
+            "train.device": "cpu", "run.out_dir": str(out_dir)}
+    base.update({k.replace("__", "."): str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()})
+    return ["--config", str(CPU_CONFIG), *(f"{k}={v}" for k, v in base.items())]
+
+
+def train_in_process(args: list[str]) -> int:
+    """`nin-train ARGS` in this process (no interpreter start-up); returns the exit code."""
+    from nin_dist.train import main
+
+    old = os.environ.get("NIN_DATA_DIR")
+    os.environ["NIN_DATA_DIR"] = str(data_dir())
+    try:
+        return main(args)
+    finally:
+        if old is None:
+            os.environ.pop("NIN_DATA_DIR", None)
+        else:
+            os.environ["NIN_DATA_DIR"] = old
+
+
+def start(cmd: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=kwargs.pop("env", None) or env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    """Wait for `proc`; on timeout kill its whole process group and fail with what it printed."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(proc.args)} timed out after {timeout} s; output:\n{out[-4000:]}")
+    return proc.returncode, out
+
+
+def run(cmd: list[str], timeout: float = 120, **kwargs) -> tuple[int, str]:
+    return finish(start(cmd, **kwargs), timeout)
+
+
+def torchrun_cmd(launcher_args: list[str], train_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launcher_args, "-m", "nin_dist.train", *train_args]
+
+
+def standalone(nproc: int, train_args: list[str], timeout: float = 180, extra: list[str] = ()) -> tuple[int, str]:
+    """`torchrun --standalone --nproc_per_node=N -m nin_dist.train ARGS` (it picks a free port itself)."""
+    return run(torchrun_cmd(["--standalone", f"--nproc_per_node={nproc}", *extra], train_args), timeout)
+
+
+def last_checkpoint(out_dir: Path) -> dict:
+    return checkpoint.load(Path(out_dir) / "checkpoints" / "last.pt")
+
+
+def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """Largest max|a - b| / max|b| over the floating tensors of two state_dicts, and where."""
+    assert a.keys() == b.keys(), f"different keys: {sorted(a.keys() ^ b.keys())}"
+    worst, where = 0.0, ""
+    for key, tb in b.items():
+        if not tb.is_floating_point():
+            assert torch.equal(a[key], tb), f"{key}: {a[key]} != {tb}"
+            continue
+        ta = a[key].double()
+        diff = ((ta - tb.double()).abs().max() / tb.double().abs().max().clamp_min(1e-30)).item()
+        if diff >= worst:
+            worst, where = diff, key
+    return worst, where
+
+
+def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    unequal = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not unequal, f"tensors differ: {unequal}; max rel diff {max_rel_diff(a, b)}"

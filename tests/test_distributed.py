@@ -1,0 +1,267 @@
+"""N processes train as one: real torchrun jobs with gloo on loopback.
+
+The equivalence runs use `train.precision=fp64`. In fp32, N ranks round their sums differently from
+one process (~1e-7), and training amplifies any such difference: one process started from weights
+perturbed by 1e-7 is O(1) away from the unperturbed run within ten steps (a few ReLUs flip sign and
+the gradients they gate change by far more than the rounding that flipped them). fp64 shrinks the
+rounding to ~1e-16, so what these tests measure is the algorithm: the global batch split over ranks,
+cross-rank BatchNorm and one dropout mask per global batch. fp32 itself is checked over one step.
+
+One reference job, 2 processes x 2 epochs x 100 steps, serves four comparisons: one process, two
+"nodes" joined by c10d rendezvous, and a job whose worker is SIGKILLed mid-epoch and restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    REPO,
+    data_dir,
+    env,
+    finish,
+    free_port,
+    last_checkpoint,
+    max_rel_diff,
+    overrides,
+    run,
+    standalone,
+    start,
+    torchrun_cmd,
+    train_in_process,
+)
+
+from nin_dist import checkpoint as ckpt
+from nin_dist.data import eval_batches, load_split, shard_range
+
+pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
+
+STEPS_PER_EPOCH = 100
+# cpu.yaml as it is (BatchNorm, dropout 0.1, Nesterov, one-cycle), in fp64 on 1,600 images, global batch 16.
+RUN = {"data__train_limit": 16 * STEPS_PER_EPOCH, "data__test_limit": 1000, "train__batch_size": 16,
+       "train__epochs": 2, "train__precision": "fp64", "train__log_every": 50}
+REL_TOL = 1e-5
+
+
+def _report(what: str, diff: tuple[float, str]) -> None:
+    print(f"\n{what}: max relative parameter difference {diff[0]:.2e} ({diff[1]})")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The 2-process job every other run is compared with; its per-rank logs are kept."""
+    out = tmp_path_factory.mktemp("reference")
+    logs = out / "logs"
+    rc, text = standalone(2, overrides(out / "run", **RUN, train__progress=True),
+                          extra=["--tee=3", f"--log-dir={logs}"], timeout=300)
+    assert rc == 0, text[-4000:]
+    return {"out": out / "run", "logs": logs, "text": text, "state": last_checkpoint(out / "run")}
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_one_process_equals_two(reference, tmp_path):
+    out = tmp_path / "one"
+    assert train_in_process(overrides(out, **RUN)) == 0
+    one = last_checkpoint(out)
+    assert one[ckpt.STEP] == reference["state"][ckpt.STEP] == 2 * STEPS_PER_EPOCH
+    diff = max_rel_diff(one[ckpt.MODEL], reference["state"][ckpt.MODEL])
+    _report("1 process vs 2 processes, 200 steps (fp64)", diff)
+    assert diff[0] < REL_TOL, diff
+    assert _metrics(out)["test_acc"] == _metrics(reference["out"])["test_acc"]
+    # Evaluation scores fp32 logits (`evaluate` casts them): equal to fp32 rounding.
+    assert abs(_metrics(out)["test_loss"] - _metrics(reference["out"])["test_loss"]) < 1e-6
+
+
+def test_progress_bar_and_epoch_lines_on_rank_0_only(reference):
+    def rank_log(rank: int) -> str:
+        (path,) = reference["logs"].glob(f"*/attempt_0/{rank}/stderr.log")
+        return path.read_text()
+
+    rank0, rank1 = rank_log(0), rank_log(1)
+    assert re.search(r"200/200 \[.*loss \d\.\d{4}, \d+ img/s\]", rank0)
+    assert len(re.findall(r"\[rank 0\] epoch \d/2  train loss .* MFU [\d.]+%", rank0)) == 2
+    assert "img/s" not in rank1 and "epoch 1/2" not in rank1, rank1[-2000:]
+
+
+def test_two_nodes_by_c10d_rendezvous_equal_one_node(reference, tmp_path):
+    """Two `launch/multinode.sh` invocations (one process each) form one job of world size 2."""
+    out = tmp_path / "run"
+    node_env = env(NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
+                   RDZV_ID=f"nin-test-{os.getpid()}", MAX_RESTARTS="0")
+    args = ["bash", str(REPO / "launch" / "multinode.sh"), *overrides(out, **RUN)]
+    nodes = [start(args, env=node_env) for _ in range(2)]
+    results = [finish(node, timeout=300) for node in nodes]
+    for rc, text in results:
+        assert rc == 0, text[-4000:]
+    assert "world size 2" in "".join(text for _, text in results)
+    diff = max_rel_diff(last_checkpoint(out)[ckpt.MODEL], reference["state"][ckpt.MODEL])
+    _report("2 nodes x 1 process (c10d) vs 1 node x 2 processes", diff)
+    assert diff[0] < REL_TOL, diff
+    assert _metrics(out)["test_acc"] == _metrics(reference["out"])["test_acc"]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _local_rank(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in environ:
+        if item.startswith(b"LOCAL_RANK="):
+            return int(item.split(b"=", 1)[1])
+    return None
+
+
+def test_a_worker_killed_mid_epoch_is_restarted_and_the_result_is_unchanged(reference, tmp_path):
+    out = tmp_path / "run"
+    kill_after = STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2  # a mid-epoch checkpoint, in epoch 2
+    job = start(torchrun_cmd(["--standalone", "--nproc_per_node=2", "--max-restarts=1"],
+                             overrides(out, **RUN, train__checkpoint_every=kill_after)))
+    path, seen, deadline = out / "checkpoints" / "last.pt", None, time.monotonic() + 240
+    while True:  # wait for the step-150 checkpoint (a new file each save: watch the inode)
+        assert job.poll() is None, finish(job, 5)[1][-4000:]
+        assert time.monotonic() < deadline, "no mid-epoch checkpoint"
+        inode = path.stat().st_ino if path.exists() else None
+        if inode is not None and inode != seen:
+            seen = inode
+            if ckpt.load(path)[ckpt.STEP] == kill_after:
+                break
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the steps after the checkpoint
+    workers = {_local_rank(pid): pid for pid in _children(job.pid)}
+    assert 1 in workers, f"no worker with LOCAL_RANK=1 among {workers}"
+    assert ckpt.load(path)[ckpt.STEP] == kill_after  # still mid-epoch 2: nothing saved since
+    os.kill(workers[1], signal.SIGKILL)
+
+    rc, text = finish(job, timeout=300)
+    assert rc == 0, text[-4000:]
+    assert f"resuming from {path} at epoch 2, step {kill_after}" in text, text[-4000:]
+    final = last_checkpoint(out)
+    assert final[ckpt.STEP] == 2 * STEPS_PER_EPOCH
+    diff = max_rel_diff(final[ckpt.MODEL], reference["state"][ckpt.MODEL])
+    _report(f"SIGKILL of rank 1 after step {kill_after} + restart vs uninterrupted", diff)
+    assert diff[0] < REL_TOL, diff
+    assert _metrics(out)["test_acc"] == _metrics(reference["out"])["test_acc"]
+
+
+def test_three_processes_evaluate_every_test_image_once_fp32(tmp_path):
+    """3 ranks: one fp32 step equals one process's, and the 10,000 test images are counted once."""
+    one_step = {"train__batch_size": 24, "train__max_steps": 1, "train__epochs": 1, "data__train_limit": 240}
+    rc, text = standalone(3, overrides(tmp_path / "three", **one_step), timeout=240)
+    assert rc == 0, text[-4000:]
+    assert train_in_process(overrides(tmp_path / "one", **one_step)) == 0
+    assert "(10000 images)" in text  # the epoch line of rank 0 counts the reduced total
+    diff = max_rel_diff(last_checkpoint(tmp_path / "three")[ckpt.MODEL], last_checkpoint(tmp_path / "one")[ckpt.MODEL])
+    _report("3 processes vs 1, one fp32 step", diff)
+    assert diff[0] < REL_TOL, diff
+    three, one = _metrics(tmp_path / "three"), _metrics(tmp_path / "one")
+    assert three["test_acc"] == one["test_acc"] and abs(three["test_loss"] - one["test_loss"]) < 1e-5
+
+
+def test_eval_shards_cover_each_test_image_exactly_once():
+    from nin_dist.config import DataConfig
+
+    split = load_split(data_dir(), "test")
+    for world in (1, 2, 3, 7):
+        bounds = [shard_range(len(split), rank, world) for rank in range(world)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == 10_000
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+        seen = torch.cat([index for rank in range(world)
+                          for _, _, index in eval_batches(split, DataConfig(resize=28), 1000, rank, world)])
+        assert torch.equal(seen.sort().values, torch.arange(10_000)), world
+
+
+def test_a_config_error_under_torchrun_exits_2_on_every_rank(tmp_path):
+    rc, text = standalone(2, ["--config", "configs/cpu.yaml", "train.epochs=0"], extra=["--tee=3"], timeout=120)
+    assert rc != 0  # torchrun reports the failed job
+    for rank in (0, 1):  # each rank printed the one-line error
+        assert f"[default{rank}]:nin-train: error: train.epochs=0 is not allowed" in text, text[-3000:]
+    # torchrun's report: the first rank to exit did so with 2 (it stops the other one).
+    root_cause = re.search(r"Root Cause.*?exitcode\s+: (\S+)", text, re.S)
+    assert root_cause and root_cause.group(1) == "2", text[-3000:]
+    # Rank 1 on its own (torchrun may stop it before it exits): 2, before joining any process group.
+    rc1, text1 = run([sys.executable, "-m", "nin_dist.train", "--config", "configs/cpu.yaml", "train.epochs=0"],
+                     env=env(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                             MASTER_PORT=str(free_port())), timeout=60)
+    assert rc1 == 2 and text1.strip() == "nin-train: error: train.epochs=0 is not allowed: at least 1", text1
+
+
+def test_cross_rank_batchnorm_in_a_world_of_one_is_batchnorm():
+    """Output, every gradient and the running statistics equal nn.BatchNorm2d's (float64, |mean| >> std)."""
+    from torch import nn
+
+    from nin_dist.layers import CrossRankBatchNorm2d
+
+    x = (torch.randn(6, 5, 7, 7, dtype=torch.float64) * 0.01 + 30.0).requires_grad_()
+    dy = torch.randn(6, 5, 7, 7, dtype=torch.float64)
+    ours, ref = CrossRankBatchNorm2d(5).double(), nn.BatchNorm2d(5).double()
+    with torch.no_grad():
+        for layer in (ours, ref):
+            layer.weight.copy_(torch.linspace(0.5, 1.5, 5))
+            layer.bias.copy_(torch.linspace(-1.0, 1.0, 5))
+    outs = []
+    for layer in (ours, ref):
+        y = layer(x)
+        gx, gw, gb = torch.autograd.grad(y, (x, layer.weight, layer.bias), dy)
+        outs.append((y, gx, gw, gb, layer.running_mean, layer.running_var))
+    for name, a, b in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"), *outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+    torch.testing.assert_close(ours.eval()(x), ref.eval()(x), rtol=1e-12, atol=1e-12)
+
+
+def test_global_batch_dropout_rows_of_two_ranks_make_the_one_rank_mask():
+    from nin_dist.layers import GlobalBatchDropout
+
+    x = torch.ones(8, 3, 4, 4)
+    whole = GlobalBatchDropout(0.3)
+    whole.set_rows(0, 8, seed=1234)
+    halves = []
+    for rank in (0, 1):
+        layer = GlobalBatchDropout(0.3)
+        layer.set_rows(4 * rank, 8, seed=1234)
+        halves.append(layer(x[4 * rank: 4 * rank + 4]))
+    assert torch.equal(torch.cat(halves), whole(x))
+    assert 0.1 < (whole(x) == 0).float().mean() < 0.5 and torch.equal(whole.eval()(x), x)
+
+
+# --------------------------------------------------------------------------- GPU (skipped without CUDA)
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nccl_matches_one_process(tmp_path):
+    """2 GPUs: a 2-process nccl job vs one process; 1 GPU: a 1-process CUDA run vs the CPU."""
+    cuda = {"data__train_limit": 16 * 20, "data__test_limit": 1000, "train__batch_size": 16, "train__epochs": 1,
+            "model__kernel": "torch", "train__max_steps": 1}
+    assert train_in_process(overrides(tmp_path / "one", **cuda, train__device="cuda")) == 0
+    if torch.cuda.device_count() >= 2:
+        rc, text = standalone(2, overrides(tmp_path / "other", **cuda, train__device="cuda"), timeout=300)
+        assert rc == 0, text[-4000:]
+        what = "2-process nccl vs 1 process, one step"
+    else:
+        assert train_in_process(overrides(tmp_path / "other", **cuda, train__device="cpu")) == 0
+        what = "CUDA vs CPU, one step"
+    diff = max_rel_diff(last_checkpoint(tmp_path / "other")[ckpt.MODEL], last_checkpoint(tmp_path / "one")[ckpt.MODEL])
+    _report(what, diff)
+    assert diff[0] < 1e-3, diff  # TF32 convolutions on the GPU round to ~1e-3

