@@ -39,10 +39,14 @@ class _GatherFromRanks(torch.autograd.Function):
         return grad[dist.get_rank()]
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 @torch.compiler.disable  # a collective inside the forward; compiled code calls it as one opaque op
 def gather_from_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """Differentiable [world_size, *shape] stack of every rank's `tensor` ([1, *shape] in a world of one)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return tensor.unsqueeze(0)
     return _GatherFromRanks.apply(tensor)
 
@@ -60,7 +64,8 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training or not _distributed():
+            # A world of one: the global batch is this batch, and torch's fused kernel is faster.
             return super().forward(x)
         xf = x if x.dtype == torch.float64 else x.float()
         n = x.numel() // x.shape[1]  # values per channel on this rank

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import functools
+import time
 
 import torch
 
@@ -17,8 +18,7 @@ GPU_PEAKS = {
     "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
     "V100": {"bf16": 125e12, "fp16": 125e12, "fp32": 15.7e12},
 }
-# A CPU core with two AVX2 FMA units does 2 x 8 x 2 = 32 fp32 FLOP per cycle; 2.5 GHz assumed.
-CPU_FLOP_PER_CORE = 32 * 2.5e9
+_CPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float32, "fp64": torch.float64}
 
 
 def train_flops_per_image(cfg: Config) -> float:
@@ -26,19 +26,35 @@ def train_flops_per_image(cfg: Config) -> float:
     return 3.0 * flops_per_image(cfg.model, cfg.data.resize)
 
 
-def peak_flops(device: torch.device, precision: str, processes_per_node: int = 1) -> float:
-    """Peak FLOP/s of one rank's share of the device (an estimate on the CPU)."""
+@functools.cache
+def measured_cpu_flops(precision: str, threads: int) -> float:
+    """FLOP/s of a 1024^3 matmul on this process's threads: the CPU's practical peak.
+
+    CPUs differ too much (AVX2, AVX-512, AMX for bf16) for a table; one large GEMM tells what this
+    one does, in about a tenth of a second.
+    """
+    dtype = _CPU_DTYPES[precision]
+    a = torch.randn(1024, 1024, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 / best
+
+
+def peak_flops(device: torch.device, precision: str) -> float:
+    """Peak FLOP/s of one rank's share of the device (on the CPU: a measured GEMM, see above)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for fragment, peaks in GPU_PEAKS.items():
             if fragment in name:
                 return peaks[precision]
         return GPU_PEAKS["A100"][precision]
-    cores = max(1, (os.cpu_count() or 1) // processes_per_node)
-    return cores * CPU_FLOP_PER_CORE
+    return measured_cpu_flops(precision, torch.get_num_threads())
 
 
-def mfu(img_per_s: float, cfg: Config, device: torch.device, world_size: int, processes_per_node: int) -> float:
+def mfu(img_per_s: float, cfg: Config, device: torch.device, world_size: int) -> float:
     """Model FLOPs utilisation of the whole job: achieved FLOP/s over the summed peak of all ranks."""
     achieved = img_per_s * train_flops_per_image(cfg)
-    return achieved / (peak_flops(device, cfg.train.precision, processes_per_node) * world_size)
+    return achieved / (peak_flops(device, cfg.train.precision) * world_size)

@@ -25,7 +25,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -197,7 +199,7 @@ def fit(cfg: Config, info: DistInfo) -> dict:
 
         autocast = _autocast(cfg, info.device)
         max_steps = cfg.train.max_steps or math.inf
-        results, preds = {}, None
+        results, preds, history = {}, None, []
         bar = tqdm(total=batches.steps_per_epoch * cfg.train.epochs, initial=step, unit="step",
                    disable=not (info.is_main and cfg.train.progress), dynamic_ncols=True)
         while epoch < cfg.train.epochs and step < max_steps:
@@ -233,14 +235,16 @@ def fit(cfg: Config, info: DistInfo) -> dict:
             test_loss, test_acc, test_count, preds = evaluate(raw_model, test_split, cfg, info, autocast, last)
             img_s = images_seen / epoch_s
             results = {
-                "train/loss": train_loss_sum / train_count, "train/acc": train_correct / train_count,
+                "train/epoch_loss": train_loss_sum / train_count, "train/acc": train_correct / train_count,
                 "test/loss": test_loss, "test/acc": test_acc, "perf/img_per_s": img_s, "perf/epoch_s": epoch_s,
-                "perf/mfu": mfu(img_s, cfg, info.device, info.world_size, info.local_world_size)}
+                "perf/mfu": mfu(img_s, cfg, info.device, info.world_size)}
             log.info("epoch %d/%d  train loss %.4f acc %.4f | test loss %.4f acc %.4f (%d images) | "
-                     "%.0f img/s | %.1f s | MFU %.2f%%", epoch + 1, cfg.train.epochs, results["train/loss"],
+                     "%.0f img/s | %.1f s | MFU %.2f%%", epoch + 1, cfg.train.epochs, results["train/epoch_loss"],
                      results["train/acc"], test_loss, test_acc, test_count, img_s, epoch_s,
                      100 * results["perf/mfu"])
             tracker.log_metrics(results, step)
+            history.append({"epoch": epoch + 1, "step": step, "test_acc": test_acc, "test_loss": test_loss,
+                            "time": time.time()})  # wall clock: `nin-bench tta` compares it with its launch
             if epoch_done:
                 epoch, epoch_step = epoch + 1, 0
             save(epoch, epoch_step)
@@ -254,10 +258,10 @@ def fit(cfg: Config, info: DistInfo) -> dict:
             tracker.log_test_predictions(test_split, preds.cpu())
 
         metrics = {"test_acc": results.get("test/acc"), "test_loss": results.get("test/loss"),
-                   "train_loss": results.get("train/loss"), "train_acc": results.get("train/acc"),
+                   "train_loss": results.get("train/epoch_loss"), "train_acc": results.get("train/acc"),
                    "img_per_s": results.get("perf/img_per_s"), "epochs": epoch, "steps": step,
                    "world_size": info.world_size, "mlflow_run_id": tracker.run_id,
-                   "wall_s": time.perf_counter() - started}
+                   "wall_s": time.perf_counter() - started, "history": history}
         if info.is_main:
             (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             tracker.log_artifact_file(out_dir / "metrics.json")
@@ -267,7 +271,7 @@ def fit(cfg: Config, info: DistInfo) -> dict:
             tracker.log_model(logged, to_inputs(example, cfg.data))
         status = "FINISHED"
         return metrics
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM from torchrun (see main)
         status = "KILLED"
         raise
     finally:
@@ -316,6 +320,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 @record
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        # torchrun stops the other workers with SIGTERM when one fails; exiting through SystemExit
+        # runs the `finally` blocks, so the MLflow run is closed and unsent records are spooled.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     info = None
     try:
         if args.sync_tracking:

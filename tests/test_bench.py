@@ -1,0 +1,35 @@
+"""`nin-bench` commands run and write their JSON (the numbers themselves live in BENCHMARKS.md)."""
+
+import json
+
+import pytest
+import torch
+
+from nin_dist.bench import main
+
+
+def test_bench_data_prints_both_pipelines_and_the_ratio(tmp_path, data_root, capsys):
+    out = tmp_path / "data.json"
+    assert main(["data", "--batches", "2", "--workers", "0", "--resize", "64", "--root", str(data_root),
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    seed, ours = result["rows"]
+    assert seed["ratio"] == 1.0 and ours["ratio"] == pytest.approx(seed["seconds"] / ours["seconds"])
+    assert "ours: device-resident" in capsys.readouterr().out
+
+
+def test_bench_train_rows_are_ratios_to_the_seed_row(tmp_path, data_root, monkeypatch):
+    monkeypatch.setenv("NIN_DATA_DIR", str(data_root))
+    out = tmp_path / "train.json"
+    assert main(["train", "--steps", "2", "--warmup", "1", "--workers", "0", "--rows", "seed,+device",
+                 "--json", str(out), "train.batch_size=64"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["row"] for r in rows] == ["seed", "+device"]
+    assert rows[0]["step_ratio"] == 1.0
+    assert rows[1]["step_ratio"] == pytest.approx(rows[1]["step_img_per_s"] / rows[0]["step_img_per_s"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_bench_kernels_without_cuda_is_one_line_and_exit_2(capsys):
+    assert main(["kernels"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
