@@ -8,7 +8,6 @@ resizes it in one batched call. Both produce float [B, 1, 224, 224] batches in [
 
 from __future__ import annotations
 
-import gzip
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 from nin_dist.bench import format_table, machine, write_json
 from nin_dist.config import DataConfig
-from nin_dist.data import FILES, TrainBatches, find_root, load_split
+from nin_dist.data import TrainBatches, find_root, load_split, write_torchvision_copy
 
 
 def add_arguments(p) -> None:
@@ -50,12 +49,7 @@ def _seed_pipeline(root: Path, args) -> float:
     from torchvision import datasets, transforms
 
     with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "FashionMNIST" / "raw"
-        raw.mkdir(parents=True)
-        for idx in FILES.values():  # torchvision reads uncompressed files; the data root stays untouched
-            src = next(p for p in (root / "FashionMNIST" / "raw" / (idx.name + ".gz"), root / (idx.name + ".gz"))
-                       if p.exists())
-            (raw / idx.name).write_bytes(gzip.decompress(src.read_bytes()))
+        write_torchvision_copy(root, Path(tmp))
         dataset = datasets.FashionMNIST(tmp, train=True, download=False, transform=transforms.Compose(
             [transforms.Resize(args.resize), transforms.ToTensor()]))
         loader = DataLoader(dataset, args.batch_size, shuffle=True, num_workers=args.workers,

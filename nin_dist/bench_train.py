@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import json
 import os
 import resource
@@ -33,7 +32,7 @@ from torch import nn
 
 from nin_dist.bench import format_table, machine, write_json
 from nin_dist.config import Config, load_config, replace
-from nin_dist.data import FILES, TRAIN_MEAN, TRAIN_STD, TrainBatches, find_root, load_split
+from nin_dist.data import TRAIN_MEAN, TRAIN_STD, TrainBatches, find_root, load_split, write_torchvision_copy
 from nin_dist.layers import CrossRankBatchNorm2d, GlobalBatchDropout
 from nin_dist.model import build_model
 from nin_dist.optim import build_optimizer
@@ -70,12 +69,7 @@ def _seed_loader(cfg: Config, root: Path, workers: int, tmp: str):
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    raw = Path(tmp) / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for idx in FILES.values():
-        src = next(p for p in (root / "FashionMNIST" / "raw" / (idx.name + ".gz"), root / (idx.name + ".gz"))
-                   if p.exists())
-        (raw / idx.name).write_bytes(gzip.decompress(src.read_bytes()))
+    write_torchvision_copy(root, Path(tmp))
     steps = [transforms.Resize(cfg.data.resize)] if cfg.data.resize != 28 else []
     steps.append(transforms.ToTensor())
     if cfg.data.normalize:

@@ -178,6 +178,15 @@ def load_split(root: Path, split: str, limit: int | None = None) -> Split:
     return Split(split, images, labels, tuple(paths))
 
 
+def write_torchvision_copy(root: Path, folder: Path) -> None:
+    """Uncompressed copies of the four files under folder/FashionMNIST/raw, where torchvision's
+    FashionMNIST reads them (it does not read .gz in place); the root itself is left untouched."""
+    raw = folder / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for idx in FILES.values():
+        (raw / idx.name).write_bytes(read_idx(_locate(root, idx), idx))
+
+
 def load_datasets(cfg: DataConfig) -> tuple[Split, Split]:
     """(train, test) on the CPU, verified, with the configured limits."""
     root = find_root(cfg)

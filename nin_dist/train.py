@@ -72,6 +72,14 @@ def train_step(model, inputs, labels, opt, scaler, scheduler, cfg: Config, autoc
     return loss.detach(), logits.detach()
 
 
+def accumulate(sums: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """sums += (loss sum, correct, images) on the device; Python scalars only, so no host sync."""
+    n = labels.numel()
+    sums[0] += loss.double() * n
+    sums[1] += (logits.argmax(1) == labels).sum()
+    sums[2] += n
+
+
 @torch.no_grad()
 def evaluate(model, split, cfg: Config, info: DistInfo, autocast, with_predictions: bool = False):
     """Exact test metrics: each rank scores its own shard, sums are reduced, every image counts once.
@@ -211,8 +219,7 @@ def fit(cfg: Config, info: DistInfo) -> dict:
                                            seed=_dropout_seed(cfg.seed, step))
                 loss, logits = train_step(model, _prepare(inputs, cfg), labels, opt, scaler, scheduler, cfg,
                                           autocast)
-                sums += torch.stack([loss.double() * labels.numel(), (logits.argmax(1) == labels).sum(),
-                                     torch.tensor(labels.numel(), device=info.device)])
+                accumulate(sums, loss, logits, labels)
                 step, epoch_step, images_seen = step + 1, epoch_step + 1, images_seen + batches.global_batch
                 bar.update(1)
                 if step == 1 or step % cfg.train.log_every == 0:

@@ -18,7 +18,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    root = Path(os.environ.get("NIN_DATA_DIR", DEFAULT_DATA))
+    root = Path(os.environ.get("NIN_DATA_DIR", DEFAULT_DATA)).resolve()
     if not (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz").is_file():
         pytest.fail(f"real Fashion-MNIST not found at {root}: set NIN_DATA_DIR")
     return root

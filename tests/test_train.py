@@ -119,17 +119,17 @@ def test_a_checkpoint_of_another_config_is_refused_unless_allowed(tmp_path, caps
     out = tmp_path / "run"
     assert train_in_process(overrides(out, **TINY, train__max_steps=STEPS_PER_EPOCH)) == 0
     capsys.readouterr()
-    assert train_in_process(overrides(out, **TINY, optim__lr=0.05)) == 2
+    assert train_in_process(overrides(out, **TINY, optim__lr=0.07)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("nin-train: error: ") and "different config (changed: optim.lr)" in err[-1]
     assert "run.allow_config_change=true" in err[-1]
     assert last_checkpoint(out)[ckpt.STEP] == STEPS_PER_EPOCH  # untouched
 
-    assert train_in_process(overrides(out, **TINY, optim__lr=0.05, run__allow_config_change=True)) == 0
+    assert train_in_process(overrides(out, **TINY, optim__lr=0.07, run__allow_config_change=True)) == 0
     assert "resuming from" in capsys.readouterr().err
     state = last_checkpoint(out)
     assert state[ckpt.STEP] == 2 * STEPS_PER_EPOCH
-    assert {g["initial_lr"] for g in state[ckpt.OPTIMIZER]["param_groups"]} == {0.05}  # the new config's lr
+    assert {g["initial_lr"] for g in state[ckpt.OPTIMIZER]["param_groups"]} == {0.07}  # the new config's lr
 
 
 def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
