@@ -33,3 +33,14 @@ def test_bench_train_rows_are_ratios_to_the_seed_row(tmp_path, data_root, monkey
 def test_bench_kernels_without_cuda_is_one_line_and_exit_2(capsys):
     assert main(["kernels"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_tta_reads_the_trainers_history(tmp_path, data_root, monkeypatch):
+    monkeypatch.setenv("NIN_DATA_DIR", str(data_root))
+    out = tmp_path / "tta.json"
+    assert main(["tta", "--seeds", "0", "--target", "0.0,1.01", "--json", str(out), "data.train_limit=256",
+                 "data.test_limit=100", "train.epochs=2", "train.batch_size=64"]) == 0
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
+    assert row["epoch@0.0"] == 1 and 0 < row["tta_s@0.0"] < row["total_s"]  # reached at the first evaluation
+    assert row["tta_s@1.01"] is None and result["median_s"]["1.01"] is None  # never reached
