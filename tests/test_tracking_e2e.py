@@ -140,3 +140,29 @@ def test_sync_tracking_cli(tmp_path):
     assert len(error) == 1 and "http://127.0.0.1:9" in error[0] and "unreachable" in error[0], proc.stderr
     assert (spool / "records.jsonl").exists(), "kept for a later try"
 
+
+
+def test_torchrun_two_processes_against_a_real_server_and_its_ui(tmp_path):
+    """The same 2-process job against `launch/mlflow-server.sh`: one run, and the UI's page and
+    REST endpoints return it with its metrics."""
+    import requests
+    from test_tracking import Server
+
+    srv = Server(tmp_path)
+    srv.start()
+    try:
+        train(tmp_path, "--config", str(REPO / "configs" / "cpu.yaml"), *SMOKE, f"tracking.uri={srv.uri}",
+              "run.name=e2e-server", f"run.out_dir={tmp_path}/run", nproc=2)
+        client, run = only_run(srv.uri)
+        assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+        metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+        assert run.data.metrics["test/acc"] == pytest.approx(metrics["test_acc"])
+        assert requests.get(srv.uri + "/", timeout=10).status_code == 200  # the UI's page
+        experiments = requests.get(srv.uri + "/ajax-api/2.0/mlflow/experiments/get-by-name",
+                                   params={"experiment_name": "nin-fashion-mnist"}, timeout=10).json()
+        found = requests.post(srv.uri + "/ajax-api/2.0/mlflow/runs/search", timeout=10,
+                              json={"experiment_ids": [experiments["experiment"]["experiment_id"]]}).json()["runs"]
+        assert [r["info"]["run_id"] for r in found] == [run.info.run_id]
+        assert {m["key"] for m in found[0]["data"]["metrics"]} >= {"test/acc", "train/loss", "perf/img_per_s"}
+    finally:
+        srv.kill()
