@@ -166,3 +166,34 @@ def test_torchrun_two_processes_against_a_real_server_and_its_ui(tmp_path):
         assert {m["key"] for m in found[0]["data"]["metrics"]} >= {"test/acc", "train/loss", "perf/img_per_s"}
     finally:
         srv.kill()
+
+
+def test_a_worker_killed_and_restarted_by_torchrun_keeps_one_run(tmp_path):
+    """SIGKILL of rank 1 mid-epoch 1 under --max-restarts=1: the restart resumes the checkpoint and
+    its MLflow run, so the job has one run whose epoch metrics continue (steps of epochs 1 and 2)."""
+    import signal
+    import time
+
+    from helpers import finish, overrides, start, torchrun_cmd
+    from test_distributed import _children, _local_rank
+
+    from nin_dist import checkpoint as ckpt
+
+    uri, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "run"
+    steps = 40  # per epoch: 640 images, global batch 16
+    job = start(torchrun_cmd(["--standalone", "--nproc_per_node=2", "--max-restarts=1"],
+                             overrides(out, data__train_limit=16 * steps, data__test_limit=200, train__batch_size=16,
+                                       train__epochs=2, train__checkpoint_every=steps // 2)
+                             + [f"tracking.uri={uri}", "tracking.enabled=true", "tracking.system_metrics=false"]))
+    path, deadline = out / "checkpoints" / "last.pt", time.monotonic() + 240
+    while not (path.exists() and ckpt.load(path)[ckpt.STEP] == steps // 2):
+        assert job.poll() is None, finish(job, 5)[1][-4000:]
+        assert time.monotonic() < deadline, "no mid-epoch checkpoint"
+        time.sleep(0.05)
+    workers = {_local_rank(pid): pid for pid in _children(job.pid)}
+    os.kill(workers[1], signal.SIGKILL)
+    rc, text = finish(job, timeout=300)
+    assert rc == 0 and "resuming from" in text, text[-4000:]
+    client, run = only_run(uri)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/acc")] == [steps, 2 * steps]
