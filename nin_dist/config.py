@@ -54,6 +54,10 @@ class ModelConfig:
     stem_kernel: int = 11  # first block's conv: kernel size, stride, padding (seed: 11/4/0)
     stem_stride: int = 4
     stem_padding: int = 0
+    # The seed ends in ReLU -> global average pool, so class scores are never negative and a class
+    # channel the ReLU silences early in training stays silent (its gradient is zero). false drops
+    # that last ReLU; no parameter changes.
+    logit_relu: bool = True
 
     def __post_init__(self):
         _require(self.width > 0, "model.width", "a positive multiplier", self.width)

@@ -31,14 +31,18 @@ POOL_KERNEL, POOL_STRIDE = 3, 2
 
 
 def nin_block(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int,
-              batchnorm: bool = False) -> nn.Sequential:
-    """k x k conv (+ optional BatchNorm), ReLU, then two 1x1 conv + ReLU pairs."""
+              batchnorm: bool = False, final_relu: bool = True) -> nn.Sequential:
+    """k x k conv (+ optional BatchNorm), ReLU, then two 1x1 conv + ReLU pairs.
+
+    `final_relu=False` puts an Identity in the last ReLU's place, so layer indices (and the
+    state_dict keys) stay the seed's.
+    """
     layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)]
     if batchnorm:
         layers.append(CrossRankBatchNorm2d(out_channels))
     layers += [nn.ReLU(),
                nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU(),
-               nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU()]
+               nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU() if final_relu else nn.Identity()]
     return nn.Sequential(*layers)
 
 
@@ -61,7 +65,8 @@ class NiN(nn.Sequential):
             nin_block(c2, c3, kernel_size=3, stride=1, padding=1, batchnorm=bn),
             nn.MaxPool2d(POOL_KERNEL, stride=POOL_STRIDE),
             GlobalBatchDropout(cfg.dropout),
-            nin_block(c3, NUM_CLASSES, kernel_size=3, stride=1, padding=1, batchnorm=bn),
+            nin_block(c3, NUM_CLASSES, kernel_size=3, stride=1, padding=1, batchnorm=bn,
+                      final_relu=cfg.logit_relu),
             nn.AdaptiveAvgPool2d((1, 1)),
             nn.Flatten(),
         )
@@ -82,7 +87,9 @@ class NiN(nn.Sequential):
         self.kernel = kernel
 
     def _block(self, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "torch":
+        if self.kernel == "torch" or not isinstance(block[-1], nn.ReLU):
+            # The fused kernel always ends in ReLU; a block without it (model.logit_relu=false, the
+            # 10-channel head: a sliver of the FLOPs) runs as PyTorch layers.
             return block(x)
         from kernels import fused_pointwise_mlp
 

@@ -115,3 +115,31 @@ def test_kernel_switch_keeps_parameters_and_keys():
     with pytest.raises(ValueError):
         model.set_kernel("cuda")
     assert build_model(ModelConfig(kernel="auto"), "cpu").kernel == "torch"  # auto on the CPU
+
+
+def test_without_logit_relu_the_seed_weights_give_the_pre_relu_class_scores():
+    seed = seed_net().eval()
+    ours = NiN(ModelConfig(logit_relu=False)).eval()
+    ours.load_state_dict(seed.state_dict(), strict=True)  # same keys: the ReLU's place holds an Identity
+    x = torch.rand(2, 1, 96, 96)
+    with torch.no_grad():
+        features = seed[:7](x)
+        head = seed[7]
+        expected = head[:5](features).mean(dim=(2, 3))  # the last block up to, not including, its last ReLU
+        scores = ours(x)
+    torch.testing.assert_close(scores, expected)
+    assert (scores < 0).any()  # the seed's head could never produce these
+
+
+@pytest.mark.parametrize("logit_relu, silenced_grad_is_zero", [(True, True), (False, False)])
+def test_a_class_channel_pushed_below_zero_learns_only_without_logit_relu(logit_relu, silenced_grad_is_zero):
+    torch.manual_seed(0)
+    model = NiN(ModelConfig(width=0.25, dropout=0.0, stem_kernel=5, stem_stride=1, stem_padding=2,
+                            logit_relu=logit_relu))
+    last_conv = model[7][4]
+    with torch.no_grad():
+        last_conv.bias[6] = -1e3  # class 6's score is negative at every pixel
+    x, labels = torch.rand(8, 1, 28, 28), torch.full((8,), 6)
+    nn.functional.cross_entropy(model(x), labels).backward()
+    grad = torch.cat([last_conv.weight.grad[6].flatten(), last_conv.bias.grad[6:7]])
+    assert (grad.abs().max() == 0) == silenced_grad_is_zero

@@ -1,5 +1,7 @@
 """model.kernel=triton (the fused kernels) against model.kernel=torch on the same NiN and batch."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,12 +12,13 @@ from nin_dist.model import NiN, build_model, init_weights
 CPU_MODEL = ModelConfig(width=0.25, dropout=0.1, batchnorm=True, stem_kernel=5, stem_stride=1, stem_padding=2)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_triton_and_torch_give_the_same_outputs_and_gradients(channels_last):
+@pytest.mark.parametrize("channels_last, logit_relu", [(False, True), (True, True), (True, False)])
+def test_triton_and_torch_give_the_same_outputs_and_gradients(channels_last, logit_relu):
+    cfg = dataclasses.replace(CPU_MODEL, logit_relu=logit_relu)
     torch.manual_seed(0)
-    torch_model = NiN(CPU_MODEL).double()
+    torch_model = NiN(cfg).double()
     init_weights(torch_model)
-    triton_model = NiN(CPU_MODEL).double()
+    triton_model = NiN(cfg).double()
     triton_model.load_state_dict(torch_model.state_dict())
     triton_model.set_kernel("triton")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
