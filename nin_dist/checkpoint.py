@@ -36,6 +36,7 @@ CONFIG_HASH = "config_hash"
 CONFIG = "config"  # the model-relevant keys, to say which differ on a refused resume
 MLFLOW_RUN_ID = "mlflow_run_id"
 RUN_NAME = "run_name"
+HISTORY = "history"  # the run's evaluations so far (epoch, step, test metrics, wall clock)
 
 
 def rng_state() -> dict[str, Any]:

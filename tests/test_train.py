@@ -74,6 +74,11 @@ def test_resume_after_an_epoch_and_mid_epoch_is_bit_identical(tmp_path, capsys):
     for sa, sb in zip(a[ckpt.OPTIMIZER]["state"].values(), b[ckpt.OPTIMIZER]["state"].values(), strict=True):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     assert metrics(whole)["test_acc"] == metrics(pieces)["test_acc"]
+    # metrics.json's history spans the restarts: every evaluation, the partial epoch's included.
+    evaluations = {(h["epoch"], h["step"]): h["test_acc"] for h in metrics(pieces)["history"]}
+    assert list(evaluations) == [(1, STEPS_PER_EPOCH), (2, STEPS_PER_EPOCH + 3), (2, 2 * STEPS_PER_EPOCH)]
+    assert {(h["epoch"], h["step"]): h["test_acc"] for h in metrics(whole)["history"]} == {
+        k: v for k, v in evaluations.items() if k != (2, STEPS_PER_EPOCH + 3)}
     # A checkpoint describes itself, and its "model" is the plain state_dict of NiN.
     assert set(b) >= {ckpt.MODEL, ckpt.OPTIMIZER, ckpt.SCHEDULER, ckpt.SCALER, ckpt.RNG, ckpt.EPOCH, ckpt.STEP,
                       ckpt.CONFIG_HASH, ckpt.MLFLOW_RUN_ID}
