@@ -44,3 +44,11 @@ def test_bench_tta_reads_the_trainers_history(tmp_path, data_root, monkeypatch):
     row = result["rows"][0]
     assert row["epoch@0.0"] == 1 and 0 < row["tta_s@0.0"] < row["total_s"]  # reached at the first evaluation
     assert row["tta_s@1.01"] is None and result["median_s"]["1.01"] is None  # never reached
+
+
+@pytest.mark.parametrize("times, median", [([30.0, None, 10.0], 30.0), ([None, 5.0, None], None),
+                                           ([3.0, 1.0, 2.0], 2.0), ([4.0, None], None)])
+def test_tta_median_counts_a_seed_that_never_reached_the_target_as_slowest(times, median):
+    from nin_dist.bench_tta import median_time
+
+    assert median_time(times) == median
