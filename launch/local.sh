@@ -11,18 +11,8 @@
 # is the global batch, so the same command gives the same training whatever NGPU is.
 set -euo pipefail
 
-# Visible GPUs (respects CUDA_VISIBLE_DEVICES); 0 without a driver.
-visible_gpus() {
-  if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then  # set, even empty: those devices only
-    tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . || true
-  else
-    nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true
-  fi
-}
-
-NGPU=${NGPU:-$(visible_gpus)}
-if [[ "$NGPU" =~ ^[0-9]+$ && "$NGPU" -lt 1 ]]; then
-  NGPU=1  # no GPU: a world of one on the CPU
-fi
+# shellcheck source=SCRIPTDIR/gpus.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpus.sh"
+NGPU=${NGPU:-$(default_processes)}
 
 exec torchrun --standalone --nproc_per_node="$NGPU" -m nin_dist.train "$@"

