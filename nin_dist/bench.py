@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import platform
+import statistics
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,6 +62,19 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
+
+
+def median_of_repeats(repeats: list[dict]) -> dict:
+    """One row from several measurements of it: the median of each numeric field, other fields from
+    the first; the measurements themselves stay under "repeats" (a shared machine is noisy, and a
+    median of interleaved repeats is what survives a burst of load from elsewhere)."""
+    row = dict(repeats[0])
+    for key, value in repeats[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[key] = statistics.median(r[key] for r in repeats)
+    if len(repeats) > 1:
+        row["repeats"] = repeats
+    return row
 
 
 def write_json(path: str | Path | None, result: dict) -> None:

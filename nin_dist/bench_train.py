@@ -10,7 +10,8 @@ Rows, each in a fresh process (so compile caches and peak memory do not leak bet
   +triton   + the fused Triton 1x1 kernels (CUDA only)
 Each row runs the same config (`--config`, default configs/cpu.yaml) for `--steps` timed steps after
 `--warmup`. "step img/s" times only the step (the d2l way: the batch is fetched before the timer
-starts); "wall img/s" includes fetching the batch. Ratios are to the seed row of the same run.
+starts); "wall img/s" includes fetching the batch. Every row runs `--repeats` times, the rows
+interleaved; each repeat's ratio is to the seed row of that repeat, and the table shows medians.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nin_dist.bench import format_table, machine, write_json
+from nin_dist.bench import format_table, machine, median_of_repeats, write_json
 from nin_dist.config import Config, load_config, replace
 from nin_dist.data import TRAIN_MEAN, TRAIN_STD, TrainBatches, find_root, load_split, write_torchvision_copy
 from nin_dist.layers import CrossRankBatchNorm2d, GlobalBatchDropout
@@ -46,6 +47,7 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per row (compile happens here)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the seed row (d2l: 4)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of every row, interleaved; the median is shown")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -141,28 +143,37 @@ def run(args) -> int:
     if args.row:  # a child process: one row, JSON on stdout
         print(json.dumps(measure_row(cfg, args.row, args.steps, args.warmup, args.workers)))
         return 0
-    rows = []
-    for row in args.rows.split(","):
-        if row == "+triton" and not torch.cuda.is_available():
-            rows.append({"row": row, "note": "skipped: the Triton kernels need CUDA"})
-            continue
-        cmd = [sys.executable, "-m", "nin_dist.bench", "train", "--row", row, "--config", args.config,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--workers", str(args.workers),
-               *args.overrides]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        if proc.returncode != 0:
-            rows.append({"row": row, "note": f"failed: {proc.stderr.strip().splitlines()[-1][:80]}"})
-            continue
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    base = next((r for r in rows if r["row"] == "seed" and "step_img_per_s" in r), None)
-    for r in rows:
-        if base and "step_img_per_s" in r:
-            r["step_ratio"] = r["step_img_per_s"] / base["step_img_per_s"]
-            r["wall_ratio"] = r["wall_img_per_s"] / base["wall_img_per_s"]
+    names = args.rows.split(",")
+    measured: dict[str, list[dict]] = {name: [] for name in names}
+    skipped = {}
+    for _ in range(args.repeats):  # rows interleaved: a burst of load hits one repeat, not one row
+        for name in names:
+            if name == "+triton" and not torch.cuda.is_available():
+                skipped[name] = "skipped: the Triton kernels need CUDA"
+                continue
+            cmd = [sys.executable, "-m", "nin_dist.bench", "train", "--row", name, "--config", args.config,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--workers", str(args.workers),
+                   *args.overrides]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            if proc.returncode != 0:
+                skipped[name] = f"failed: {proc.stderr.strip().splitlines()[-1][:80]}"
+                continue
+            measured[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    base = measured.get("seed", [])
+    for repeats in measured.values():
+        # Each repeat's ratio to the seed row of the same repeat; the row reports their median.
+        for i, r in enumerate(repeats):
+            if i < len(base):
+                r["step_ratio"] = r["step_img_per_s"] / base[i]["step_img_per_s"]
+                r["wall_ratio"] = r["wall_img_per_s"] / base[i]["wall_img_per_s"]
+    rows = [median_of_repeats(measured[name]) if measured[name] and name not in skipped
+            else {"row": name, "note": skipped.get(name, "")} for name in names]
     print(f"training throughput, {args.config} {' '.join(args.overrides)}: {args.steps} steps after "
-          f"{args.warmup} warm-up, FLOPs/train image {train_flops_per_image(cfg) / 1e9:.3f} G")
+          f"{args.warmup} warm-up, median of {args.repeats}, "
+          f"FLOPs/train image {train_flops_per_image(cfg) / 1e9:.3f} G")
     print(format_table(rows, ["row", "step_img_per_s", "step_ratio", "wall_img_per_s", "wall_ratio", "mfu",
                               "peak_mem_gib", "note"]))
     write_json(args.json, {"benchmark": "train", "machine": machine(), "config": args.config,
-                           "overrides": args.overrides, "steps": args.steps, "rows": rows})
+                           "overrides": args.overrides, "steps": args.steps, "repeats": args.repeats,
+                           "rows": rows})
     return 0

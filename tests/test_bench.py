@@ -22,11 +22,28 @@ def test_bench_train_rows_are_ratios_to_the_seed_row(tmp_path, data_root, monkey
     monkeypatch.setenv("NIN_DATA_DIR", str(data_root))
     out = tmp_path / "train.json"
     assert main(["train", "--steps", "2", "--warmup", "1", "--workers", "0", "--rows", "seed,+device",
-                 "--json", str(out), "train.batch_size=64"]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["row"] for r in rows] == ["seed", "+device"]
-    assert rows[0]["step_ratio"] == 1.0
-    assert rows[1]["step_ratio"] == pytest.approx(rows[1]["step_img_per_s"] / rows[0]["step_img_per_s"])
+                 "--repeats", "2", "--json", str(out), "train.batch_size=64"]) == 0
+    seed, device = json.loads(out.read_text())["rows"]
+    assert (seed["row"], device["row"]) == ("seed", "+device")
+    assert seed["step_ratio"] == 1.0
+    # Each repeat against the seed row of the same repeat; the row shows the median (of 2: the mean).
+    ratios = [d["step_img_per_s"] / s["step_img_per_s"] for s, d in zip(seed["repeats"], device["repeats"],
+                                                                       strict=True)]
+    assert [r["step_ratio"] for r in device["repeats"]] == pytest.approx(ratios)
+    assert device["step_ratio"] == pytest.approx(sum(ratios) / 2)
+    assert device["step_img_per_s"] == pytest.approx(sum(r["step_img_per_s"] for r in device["repeats"]) / 2)
+
+
+def test_bench_scaling_pairs_each_repeat_with_its_own_one_process_job(tmp_path, data_root, monkeypatch):
+    monkeypatch.setenv("NIN_DATA_DIR", str(data_root))
+    out = tmp_path / "scaling.json"
+    assert main(["scaling", "--steps", "3", "--repeats", "2", "--bucket-mb", "0.5", "--json", str(out),
+                 "train.batch_size=32", "data.train_limit=256", "data.test_limit=64"]) == 0
+    one, two = json.loads(out.read_text())["rows"]
+    assert (one["processes"], two["processes"], two["bucket_mb"]) == (1, 2, "0.5")
+    speedups = [b["img_per_s"] / a["img_per_s"] for a, b in zip(one["repeats"], two["repeats"], strict=True)]
+    assert [r["speedup"] for r in two["repeats"]] == pytest.approx(speedups)
+    assert two["efficiency"] == pytest.approx(sum(speedups) / 2 / 2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
