@@ -309,6 +309,7 @@ class Trainer:
             self.tracker.log_model(model, to_inputs(example, self.cfg.data))
         return metrics
 
+
 def fit(cfg: Config, info: DistInfo) -> dict:
     """Build everything, train, evaluate each epoch, write metrics.json; returns the final metrics."""
     trainer = Trainer(cfg, info)
