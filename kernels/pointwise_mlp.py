@@ -159,6 +159,28 @@ ALWAYS_DIVISIBLE = ("C_PAD",)  # a multiple of 16 by construction, in every laun
 
 
 @triton.jit
+def _first_gemm(x_tile, stride_xc, stride_xp, offs_m, mask_p, w1_ptr, hid, mask_hid, C, C_PAD, input_floor,
+                INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """z1 for hidden channels `hid` of a pixel tile: max(x, input_floor)·W1[hid]ᵀ, accumulated in fp32
+    (fp64 for fp64 inputs), no bias. The forward and the backward's recompute share it, so the
+    backward sees exactly the forward's z1."""
+    ACC: tl.constexpr = tl.float64 if x_tile.dtype.element_ty == tl.float64 else tl.float32
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_h = tl.zeros([BLOCK_M, BLOCK_H], dtype=ACC)
+    for k0 in range(0, C, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < C
+        a = tl.load(x_tile + offs_m[:, None] * stride_xp + kk[None, :] * stride_xc,
+                    mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+        a = tl.maximum(a, input_floor, propagate_nan=tl.PropagateNan.ALL).to(a.dtype)
+        w1t = tl.load(w1_ptr + hid[None, :] * C_PAD + kk[:, None],
+                      mask=mask_k[:, None] & mask_hid[None, :], other=0.0)  # [BLOCK_K, BLOCK_H]
+        acc_h = tl.dot(a, w1t, acc_h, input_precision=INPUT_PRECISION)
+    return acc_h
+
+
+@triton.jit
 def _fwd_kernel(
     # pointers
     x_ptr,  # [N, C, H, W] block input, before its first ReLU
@@ -198,23 +220,14 @@ def _fwd_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     offs_h = tl.arange(0, BLOCK_H)
-    offs_k = tl.arange(0, BLOCK_K)
 
     acc_y = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
     for j0 in range(0, C, BLOCK_H):
         hid = j0 + offs_h
         mask_hid = hid < C
         # --- first GEMM for this hidden chunk: z1_j = a·W1[j]ᵀ, fp32 accumulation
-        acc_h = tl.zeros([BLOCK_M, BLOCK_H], dtype=ACC)
-        for k0 in range(0, C, BLOCK_K):
-            kk = k0 + offs_k
-            mask_k = kk < C
-            a = tl.load(x_tile + offs_m[:, None] * stride_xp + kk[None, :] * stride_xc,
-                        mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-            a = tl.maximum(a, input_floor, propagate_nan=tl.PropagateNan.ALL).to(a.dtype)
-            w1t = tl.load(w1_ptr + hid[None, :] * C_PAD + kk[:, None],
-                          mask=mask_k[:, None] & mask_hid[None, :], other=0.0)  # [BLOCK_K, BLOCK_H]
-            acc_h = tl.dot(a, w1t, acc_h, input_precision=INPUT_PRECISION)
+        acc_h = _first_gemm(x_tile, stride_xc, stride_xp, offs_m, mask_p, w1_ptr, hid, mask_hid, C, C_PAD,
+                            input_floor, INPUT_PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)
         # --- h_j = relu(z1_j + b1[j]) in fp32, rounded to the input dtype like a conv output
         b1 = tl.load(b1_ptr + hid, mask=mask_hid, other=0.0).to(ACC)
         h = tl.maximum(acc_h + b1[None, :], 0.0).to(x_ptr.dtype.element_ty)
@@ -275,16 +288,8 @@ def _bwd_hidden_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     # --- recompute z1_j = a·W1[j]ᵀ, as the forward does
-    acc_h = tl.zeros([BLOCK_M, BLOCK_H], dtype=ACC)
-    for k0 in range(0, C, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < C
-        a = tl.load(x_tile + offs_m[:, None] * stride_xp + kk[None, :] * stride_xc,
-                    mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-        a = tl.maximum(a, input_floor, propagate_nan=tl.PropagateNan.ALL).to(a.dtype)
-        w1t = tl.load(w1_ptr + hid[None, :] * C_PAD + kk[:, None],
-                      mask=mask_k[:, None] & mask_hid[None, :], other=0.0)  # [BLOCK_K, BLOCK_H]
-        acc_h = tl.dot(a, w1t, acc_h, input_precision=INPUT_PRECISION)
+    acc_h = _first_gemm(x_tile, stride_xc, stride_xp, offs_m, mask_p, w1_ptr, hid, mask_hid, C, C_PAD,
+                        input_floor, INPUT_PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)
     b1 = tl.load(b1_ptr + hid, mask=mask_hid, other=0.0).to(ACC)
     h = tl.maximum(acc_h + b1[None, :], 0.0)
 
