@@ -28,6 +28,7 @@ from nin_dist.layers import CrossRankBatchNorm2d, GlobalBatchDropout
 NUM_CLASSES = 10
 SEED_WIDTHS = (96, 256, 384)  # the seed's block widths; the last block has NUM_CLASSES channels
 POOL_KERNEL, POOL_STRIDE = 3, 2
+DROPOUT_LAYER = 6  # the seed's nn.Dropout, before the last block
 
 
 def nin_block(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int,
@@ -76,9 +77,7 @@ class NiN(nn.Sequential):
 
     def set_dropout_rows(self, offset: int, global_rows: int, seed: int) -> None:
         """Which rows of the global batch this rank holds, and the step's dropout seed."""
-        for m in self.modules():
-            if isinstance(m, GlobalBatchDropout):
-                m.set_rows(offset, global_rows, seed)
+        self[DROPOUT_LAYER].set_rows(offset, global_rows, seed)  # every step: no walk over the modules
 
     def set_kernel(self, kernel: str) -> None:
         """'torch' or 'triton'; never changes parameters or state_dict keys."""
