@@ -20,7 +20,7 @@ import torch
 
 from nin_dist import distributed
 from nin_dist.distributed import DistInfo
-from nin_dist.errors import CheckpointError
+from nin_dist.errors import CheckpointError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,6 @@ def load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _one_line(err: Exception, limit: int = 160) -> str:
-    """The first line of an error, shortened: user errors print as one line."""
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 class Checkpointer:
     """Every rank calls `save`; rank 0 writes, all meet at one barrier."""
 
@@ -120,7 +114,7 @@ class Checkpointer:
         try:
             state = load(self.path)
         except Exception as err:  # a checkpoint that cannot be read is the user's to remove
-            raise CheckpointError(f"{self.path}: cannot be loaded ({_one_line(err)}); delete it or set "
+            raise CheckpointError(f"{self.path}: cannot be loaded ({first_line(err, 160)}); delete it or set "
                                   f"run.resume=false") from None
         if state.get(CONFIG_HASH) != config_hash and not allow_change:
             old = state.get(CONFIG, {})

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from nin_dist.errors import ConfigError
+from nin_dist.shapes import smallest_input_size
 
 
 def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -58,6 +59,11 @@ class ModelConfig:
     # channel the ReLU silences early in training stays silent (its gradient is zero). false drops
     # that last ReLU; no parameter changes.
     logit_relu: bool = True
+
+    @property
+    def stem(self) -> tuple[int, int, int]:
+        """(kernel size, stride, padding) of the first block's conv."""
+        return self.stem_kernel, self.stem_stride, self.stem_padding
 
     def __post_init__(self):
         _require(self.width > 0, "model.width", "a positive multiplier", self.width)
@@ -153,10 +159,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
-        # Imported here: the model's shape arithmetic needs torch, the rest of this module does not.
-        from nin_dist.model import smallest_input_size
-
-        smallest = smallest_input_size(self.model)
+        smallest = smallest_input_size(self.model.stem)
         if self.data.resize < smallest:
             raise ConfigError(
                 f"data.resize={self.data.resize} is too small for the network: the smallest input "

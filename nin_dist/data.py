@@ -155,6 +155,12 @@ class Split:
         return hashlib.sha256((FILES[(self.name, "images")].sha256 + FILES[(self.name, "labels")].sha256)
                               .encode()).hexdigest()[:16]
 
+    @property
+    def dataset_name(self) -> str:
+        """`fashion-mnist-test`, or `fashion-mnist-test[:50]` for the first 50 images only."""
+        full = FILES[(self.name, "images")].count
+        return f"fashion-mnist-{self.name}" + ("" if len(self) == full else f"[:{len(self)}]")
+
     def to(self, device: torch.device) -> Split:
         return Split(self.name, self.images.to(device), self.labels.to(device), self.files)
 
@@ -228,8 +234,8 @@ class TrainBatches:
 
     def __init__(self, split: Split, cfg: DataConfig, global_batch: int, rank: int, world_size: int,
                  seed: int):
-        if global_batch % world_size:
-            raise DataError(f"train.batch_size={global_batch} must be divisible by the world size {world_size}")
+        # The trainer checks this before loading anything (a ConfigError naming train.batch_size).
+        assert global_batch % world_size == 0, f"global batch {global_batch} over {world_size} ranks"
         if global_batch > len(split):
             raise DataError(f"train.batch_size={global_batch} is larger than the {len(split)} training images")
         self.split, self.cfg, self.seed = split, cfg, seed

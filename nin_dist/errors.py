@@ -1,8 +1,12 @@
-"""User errors: bad config, bad data, bad arguments.
+"""User errors (bad config, data, arguments) and how they are shown.
 
-`main` prints a `UserError` as one line and exits with code 2; anything else keeps its traceback
-and exits with 1.
+`main` prints a `UserError` as one line (`report`) and exits with code 2; anything else keeps its
+traceback and exits with 1.
 """
+
+from __future__ import annotations
+
+import sys
 
 
 class UserError(Exception):
@@ -23,5 +27,22 @@ class CheckpointError(UserError):
     """A checkpoint that does not belong to this run's config."""
 
 
+class DivergedError(UserError):
+    """The training loss, the parameters or the optimizer state became NaN or infinite."""
+
+
 class TrackingError(UserError):
     """The MLflow tracking server cannot be reached or refused the run."""
+
+
+def first_line(err: BaseException | str, limit: int = 300) -> str:
+    """The first line of an error (or of a program's output), shortened: user errors print as one line."""
+    lines = str(err).strip().splitlines()
+    line = lines[0] if lines else type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def report(prog: str, err: UserError) -> int:
+    """Print `prog: error: ...` on stderr; returns the exit code."""
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    return err.exit_code

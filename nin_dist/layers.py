@@ -125,6 +125,11 @@ def _apply_opaque(x, weight, bias, mean, var, eps):
     return _CrossRankBatchNormFn.apply(x, weight, bias, mean, var, eps)
 
 
+def dropout_seed(seed: int, step: int) -> int:
+    """The dropout mask's seed for one step: its own stream, apart from the data order's (seed, epoch)."""
+    return (seed + 1) * 0x9E3779B1 + 7919 * step + 1
+
+
 class GlobalBatchDropout(nn.Dropout):
     """Dropout with one mask per global batch; each rank applies its own rows of it.
 

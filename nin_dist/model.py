@@ -15,7 +15,7 @@ ReLU -> 1x1 -> ReLU -> 1x1 -> ReLU on the same parameters.
 from __future__ import annotations
 
 import argparse
-import os
+import copy
 import sys
 
 import torch
@@ -24,10 +24,8 @@ from torch import nn
 from nin_dist.config import ModelConfig
 from nin_dist.errors import ConfigError
 from nin_dist.layers import CrossRankBatchNorm2d, GlobalBatchDropout
+from nin_dist.shapes import NUM_CLASSES, POOL_KERNEL, POOL_STRIDE, block_widths, flops_per_image
 
-NUM_CLASSES = 10
-SEED_WIDTHS = (96, 256, 384)  # the seed's block widths; the last block has NUM_CLASSES channels
-POOL_KERNEL, POOL_STRIDE = 3, 2
 DROPOUT_LAYER = 6  # the seed's nn.Dropout, before the last block
 
 
@@ -47,16 +45,12 @@ def nin_block(in_channels: int, out_channels: int, kernel_size: int, stride: int
     return nn.Sequential(*layers)
 
 
-def block_widths(cfg: ModelConfig) -> tuple[int, int, int]:
-    return tuple(max(1, round(c * cfg.width)) for c in SEED_WIDTHS)
-
-
 class NiN(nn.Sequential):
     """The seed's network; `cfg` changes width, dropout, BatchNorm, stem and the kernel switch."""
 
     def __init__(self, cfg: ModelConfig | None = None, in_channels: int = 1):
         cfg = cfg or ModelConfig()
-        c1, c2, c3 = block_widths(cfg)
+        c1, c2, c3 = block_widths(cfg.width)
         bn = cfg.batchnorm
         super().__init__(
             nin_block(in_channels, c1, cfg.stem_kernel, cfg.stem_stride, cfg.stem_padding, bn),
@@ -84,6 +78,12 @@ class NiN(nn.Sequential):
         if kernel not in ("torch", "triton"):
             raise ValueError(f"kernel must be 'torch' or 'triton', got {kernel!r}")
         self.kernel = kernel
+
+    def portable_copy(self) -> NiN:
+        """A copy that runs anywhere: on the CPU, fp32, eval mode, PyTorch's own layers (no Triton)."""
+        model = copy.deepcopy(self).cpu().float().eval()
+        model.set_kernel("torch")
+        return model
 
     def _block(self, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "torch" or not isinstance(block[-1], nn.ReLU):
@@ -113,24 +113,17 @@ def init_weights(model: nn.Module) -> None:
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:
     """'auto' -> 'triton' on CUDA when the kernels import, else 'torch'."""
-    if kernel == "torch":
-        return "torch"
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if kernel == "triton":
-        if device.type != "cuda" and not interpreted:
-            raise ConfigError("model.kernel=triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); "
-                              "use model.kernel=auto or torch")
-        try:
-            import kernels  # noqa: F401
-        except ImportError as err:
-            raise ConfigError(f"model.kernel=triton: the Triton kernels cannot be imported ({err})") from None
-        return "triton"
-    if device.type != "cuda":
+    if kernel == "torch" or (kernel == "auto" and device.type != "cuda"):
         return "torch"
     try:
-        import kernels  # noqa: F401
-    except ImportError:
-        return "torch"
+        from kernels.ops import INTERPRETED
+    except ImportError as err:
+        if kernel == "auto":
+            return "torch"
+        raise ConfigError(f"model.kernel=triton: the Triton kernels cannot be imported ({err})") from None
+    if device.type != "cuda" and not INTERPRETED:
+        raise ConfigError("model.kernel=triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); "
+                          "use model.kernel=auto or torch")
     return "triton"
 
 
@@ -141,45 +134,6 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> NiN:
     init_weights(model)
     model.set_kernel(resolve_kernel(cfg.kernel, device))
     return model.to(device)
-
-
-# --------------------------------------------------------------------------- shape arithmetic
-
-def feature_sizes(cfg: ModelConfig, size: int) -> list[int] | None:
-    """Spatial side after each of the 7 spatial layers (blocks and pools), or None if it vanishes."""
-    sizes = []
-    side = (size + 2 * cfg.stem_padding - cfg.stem_kernel) // cfg.stem_stride + 1
-    for _ in range(3):
-        if side < 1:
-            return None
-        sizes.append(side)  # block output (blocks 2-4 keep the size: 5x5 pad 2, 3x3 pad 1)
-        side = (side - POOL_KERNEL) // POOL_STRIDE + 1
-        if side < 1:
-            return None
-        sizes.append(side)
-    sizes.append(side)  # last block
-    return sizes
-
-
-def smallest_input_size(cfg: ModelConfig, limit: int = 4096) -> int:
-    """Smallest square input side that survives every conv and pool of the network."""
-    for size in range(1, limit + 1):
-        if feature_sizes(cfg, size) is not None:
-            return size
-    raise ConfigError(f"model.stem_*: no input up to {limit} pixels fits this stem")
-
-
-def flops_per_image(cfg: ModelConfig, size: int) -> float:
-    """Forward FLOPs (2 per multiply-add) of every conv for one size x size image."""
-    widths = (*block_widths(cfg), NUM_CLASSES)
-    in_ch = (1, *widths[:3])
-    kernels = (cfg.stem_kernel, 5, 3, 3)
-    block_sides = feature_sizes(cfg, size)[0::2]  # outputs of blocks 1-4
-    total = 0.0
-    for cin, cout, k, side in zip(in_ch, widths, kernels, block_sides, strict=True):
-        pixels = side * side
-        total += 2 * pixels * cout * (cin * k * k + 2 * cout)  # k x k conv + two 1x1 convs
-    return total
 
 
 def _torch_layer_name(layer: nn.Module) -> str:
@@ -208,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(trace(model, args.size)))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}  forward GFLOP/image at {args.size}: "
-          f"{flops_per_image(ModelConfig(), args.size) / 1e9:.3f}", file=sys.stderr)
+          f"{flops_per_image(1.0, ModelConfig().stem, args.size) / 1e9:.3f}", file=sys.stderr)
     return 0
 
 

@@ -61,3 +61,10 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoc
         warmup = max(1, total // 4)  # the rise defaults to a quarter of the run
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, total, warmup, cfg.schedule),
                                              last_epoch=step - 1)
+
+
+def state_is_finite(model: nn.Module, opt: torch.optim.Optimizer) -> bool:
+    """True when every float in the model's state and the optimizer's state is finite (one host sync)."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    tensors += [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())

@@ -8,7 +8,7 @@ import time
 import torch
 
 from nin_dist.config import Config
-from nin_dist.model import flops_per_image
+from nin_dist.shapes import flops_per_image
 
 # Dense peak FLOP/s by card name fragment and compute dtype (vendor datasheets, SXM parts; TF32
 # stands for fp32 because PyTorch's convs use it on these cards by default).
@@ -23,7 +23,7 @@ _CPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 def train_flops_per_image(cfg: Config) -> float:
     """Forward + backward (about 3x forward: the input grad and the weight grad each cost one)."""
-    return 3.0 * flops_per_image(cfg.model, cfg.data.resize)
+    return 3.0 * flops_per_image(cfg.model.width, cfg.model.stem, cfg.data.resize)
 
 
 @functools.cache

@@ -11,17 +11,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-# CI sets NIN_DATA_DIR; a checkout next to the shared data finds it without.
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
+from helpers import data_dir  # noqa: E402  (after TRITON_INTERPRET is set)
 
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    root = Path(os.environ.get("NIN_DATA_DIR", DEFAULT_DATA)).resolve()
-    if not (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"real Fashion-MNIST not found at {root}: set NIN_DATA_DIR")
-    return root
+    return data_dir().resolve()
 
 
 @pytest.fixture(autouse=True)

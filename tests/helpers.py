@@ -27,7 +27,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
 
 
 def data_dir() -> Path:
-    """Where the real data is ($NIN_DATA_DIR, else ../shared/data/fashion-mnist), as conftest.data_root."""
+    """Where the real data is: $NIN_DATA_DIR, else ../shared/data/fashion-mnist next to the checkout."""
     root = Path(os.environ.get("NIN_DATA_DIR") or DEFAULT_DATA)
     if not (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz").is_file():
         pytest.fail(f"real Fashion-MNIST not found at {root}: set NIN_DATA_DIR")
@@ -102,6 +102,31 @@ def torchrun_cmd(launcher_args: list[str], train_args: list[str]) -> list[str]:
 def standalone(nproc: int, train_args: list[str], timeout: float = 180, extra: list[str] = ()) -> tuple[int, str]:
     """`torchrun --standalone --nproc_per_node=N -m nin_dist.train ARGS` (it picks a free port itself)."""
     return run(torchrun_cmd(["--standalone", f"--nproc_per_node={nproc}", *extra], train_args), timeout)
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (torchrun's workers), read from /proc."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def local_rank(pid: int) -> int | None:
+    """The LOCAL_RANK a running worker was started with, or None."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in environ:
+        if item.startswith(b"LOCAL_RANK="):
+            return int(item.split(b"=", 1)[1])
+    return None
 
 
 def last_checkpoint(out_dir: Path) -> dict:

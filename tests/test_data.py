@@ -170,11 +170,6 @@ def test_ranks_slice_one_global_permutation(splits):
     assert torch.equal(resumed[0], one[1][0])
 
 
-def test_batch_size_must_split_over_ranks(splits):
-    with pytest.raises(DataError, match="divisible by the world size 3"):
-        TrainBatches(splits[0], DataConfig(), 128, 0, 3, 0)
-
-
 def test_eval_shards_cover_every_image_once():
     for n, world in ((10_000, 3), (7, 4), (5, 1)):
         seen = torch.cat([torch.arange(*shard_range(n, r, world)) for r in range(world)])

@@ -25,11 +25,13 @@ import pytest
 import torch
 from helpers import (
     REPO,
+    children,
     data_dir,
     env,
     finish,
     free_port,
     last_checkpoint,
+    local_rank,
     max_rel_diff,
     overrides,
     run,
@@ -111,29 +113,6 @@ def test_two_nodes_by_c10d_rendezvous_equal_one_node(reference, tmp_path):
     assert _metrics(out)["test_acc"] == _metrics(reference["out"])["test_acc"]
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended while we looked
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def _local_rank(pid: int) -> int | None:
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    for item in environ:
-        if item.startswith(b"LOCAL_RANK="):
-            return int(item.split(b"=", 1)[1])
-    return None
-
-
 def test_a_worker_killed_mid_epoch_is_restarted_and_the_result_is_unchanged(reference, tmp_path):
     out = tmp_path / "run"
     kill_after = STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2  # a mid-epoch checkpoint, in epoch 2
@@ -150,7 +129,7 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_the_result_is_unchanged(refe
                 break
         time.sleep(0.05)
     time.sleep(0.5)  # into the steps after the checkpoint
-    workers = {_local_rank(pid): pid for pid in _children(job.pid)}
+    workers = {local_rank(pid): pid for pid in children(job.pid)}
     assert 1 in workers, f"no worker with LOCAL_RANK=1 among {workers}"
     assert ckpt.load(path)[ckpt.STEP] == kill_after  # still mid-epoch 2: nothing saved since
     os.kill(workers[1], signal.SIGKILL)

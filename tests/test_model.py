@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from nin_dist.config import ModelConfig
-from nin_dist.model import NiN, build_model, feature_sizes, flops_per_image, smallest_input_size
+from nin_dist.model import NiN, build_model
+from nin_dist.shapes import feature_sizes, flops_per_image, smallest_input_size
 
 # The seed's table (../shared/seed, cell 5), line for line.
 SEED_TABLE = """\
@@ -80,13 +81,13 @@ def test_width_batchnorm_and_stem_change_shapes_not_structure():
     assert [type(m).__name__ for m in model[0]][:3] == ["Conv2d", "CrossRankBatchNorm2d", "ReLU"]
     out = model.eval()(torch.rand(3, 1, 28, 28))
     assert out.shape == (3, 10)
-    assert feature_sizes(cfg, 28) == [28, 13, 13, 6, 6, 2, 2]
+    assert feature_sizes(cfg.stem, 28) == [28, 13, 13, 6, 6, 2, 2]
 
 
 @pytest.mark.parametrize("cfg, smallest", [(ModelConfig(), 67), (ModelConfig(stem_kernel=5, stem_stride=1,
                                                                                     stem_padding=2), 15)])
 def test_smallest_input_size_is_tight(cfg, smallest):
-    assert smallest_input_size(cfg) == smallest
+    assert smallest_input_size(cfg.stem) == smallest
     NiN(cfg).eval()(torch.rand(1, 1, smallest, smallest))  # runs
     with pytest.raises(RuntimeError):
         NiN(cfg).eval()(torch.rand(1, 1, smallest - 1, smallest - 1))
@@ -103,7 +104,7 @@ def test_flops_match_a_count_from_the_layers():
         if isinstance(m, nn.Conv2d):
             m.register_forward_hook(hook)
     model.eval()(torch.rand(1, 1, 224, 224))
-    assert flops_per_image(ModelConfig(), 224) == pytest.approx(sum(total))
+    assert flops_per_image(1.0, ModelConfig().stem, 224) == pytest.approx(sum(total))
     assert sum(total) == pytest.approx(1.52e9, rel=0.01)  # DESIGN.md's count
 
 

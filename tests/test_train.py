@@ -174,6 +174,18 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
     assert len(err) == 1 and err[0].startswith(message), err
 
 
+def test_batch_size_must_split_over_ranks():
+    from nin_dist.config import load_config
+    from nin_dist.distributed import DistInfo
+    from nin_dist.errors import ConfigError
+    from nin_dist.train import check_world
+
+    three = DistInfo(rank=0, local_rank=0, world_size=3, local_world_size=3, device=torch.device("cpu"), backend="gloo")
+    with pytest.raises(ConfigError, match=r"train.batch_size=128 must be divisible by the world size 3"):
+        check_world(load_config(None, ["train.batch_size=128"]), three)
+    check_world(load_config(None, ["train.batch_size=129"]), three)
+
+
 def test_a_missing_config_file_exits_2(capsys):
     assert train_in_process(["--config", "no/such.yaml"]) == 2
     assert capsys.readouterr().err.strip() == "nin-train: error: --config no/such.yaml: no such file"

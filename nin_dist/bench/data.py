@@ -1,9 +1,8 @@
 """Batch pipeline speed: our device-resident batches vs the seed's torchvision DataLoader.
 
-The seed (d2l.load_data_fashion_mnist) builds torchvision's FashionMNIST with
-`transforms.Compose([Resize(224), ToTensor()])` and a shuffling DataLoader with 4 workers; every
-image goes through PIL one at a time. Ours gathers a whole batch from one uint8 tensor and scales and
-resizes it in one batched call. Both produce float [B, 1, 224, 224] batches in [0, 1].
+The seed's pipeline (`nin_dist.bench.seed`) sends every image through PIL one at a time. Ours
+gathers a whole batch from one uint8 tensor and scales and resizes it in one batched call. Both
+produce float [B, 1, 224, 224] batches in [0, 1].
 """
 
 from __future__ import annotations
@@ -14,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from nin_dist.bench import format_table, machine, write_json
+from nin_dist.bench.common import format_table, machine, write_json
+from nin_dist.bench.seed import seed_loader
 from nin_dist.config import DataConfig
-from nin_dist.data import TrainBatches, find_root, load_split, write_torchvision_copy
+from nin_dist.data import TrainBatches, find_root, load_split
 
 
 def add_arguments(p) -> None:
@@ -45,16 +45,8 @@ def _ours(root: Path, args) -> float:
 
 
 def _seed_pipeline(root: Path, args) -> float:
-    from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms
-
     with tempfile.TemporaryDirectory() as tmp:
-        write_torchvision_copy(root, Path(tmp))
-        dataset = datasets.FashionMNIST(tmp, train=True, download=False, transform=transforms.Compose(
-            [transforms.Resize(args.resize), transforms.ToTensor()]))
-        loader = DataLoader(dataset, args.batch_size, shuffle=True, num_workers=args.workers,
-                            persistent_workers=args.workers > 0)
-        return _time(loader, args.batches)
+        return _time(seed_loader(root, Path(tmp), args.resize, args.batch_size, args.workers), args.batches)
 
 
 def run(args) -> int:

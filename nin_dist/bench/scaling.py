@@ -10,37 +10,25 @@ medians.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from nin_dist.bench import format_table, machine, median_of_repeats, write_json
-from nin_dist.errors import UserError
+from nin_dist.bench.common import add_config_arguments, format_table, machine, median_of_repeats, write_json
+from nin_dist.bench.jobs import train_job
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", default="configs/cpu.yaml")
+    add_config_arguments(p, repeats=3)
     p.add_argument("--nproc", type=int, default=2, help="processes of the scaled job")
     p.add_argument("--steps", type=int, default=80, help="optimizer steps per job")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--repeats", type=int, default=3, help="runs of every job, interleaved; the median is shown")
     p.add_argument("--bucket-mb", default="25", help="comma-separated DDP bucket sizes (MiB) to try")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
 def run_job(config: str, nproc: int, steps: int, threads: int, overrides: list[str], out_dir: Path) -> dict:
     """One torchrun job; returns its metrics.json."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "nin_dist.train", "--config", config, f"train.max_steps={steps}", f"train.threads={threads}",
-           "tracking.enabled=false", "train.progress=false", "run.resume=false", f"run.out_dir={out_dir}",
-           *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    if proc.returncode != 0:
-        raise UserError(f"scaling job with {nproc} processes failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads((out_dir / "metrics.json").read_text())
+    return train_job(config, [f"train.max_steps={steps}", f"train.threads={threads}", *overrides], out_dir,
+                     nproc=nproc, what=f"scaling job with {nproc} processes")
 
 
 def run(args) -> int:

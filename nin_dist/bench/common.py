@@ -1,36 +1,12 @@
-"""`nin-bench`: benchmarks that print a table and write JSON. Not tests: numbers, side by side.
-
-    nin-bench data      # our device-resident batches vs the seed's torchvision DataLoader
-    nin-bench kernels   # fused Triton 1x1 pairs vs cuDNN eager vs torch.compile (CUDA)
-    nin-bench train     # training img/s and MFU: the seed's recipe, then each switch added
-    nin-bench scaling   # 1 process vs N torchrun processes, same global batch
-    nin-bench tta       # wall seconds to a target test accuracy, median over seeds
-
-Every benchmark measures its baseline in the same run and reports ratios to it; absolute times mean
-something only on the machine named in the JSON.
-"""
+"""What every benchmark shares: the machine it ran on, a text table, medians of repeats, JSON out."""
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import platform
 import statistics
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
-
-from nin_dist.errors import UserError
-from nin_dist.logs import init_logging
-
-BENCHMARKS = {
-    "data": "nin_dist.bench_data",
-    "kernels": "nin_dist.bench_kernels",
-    "train": "nin_dist.bench_train",
-    "scaling": "nin_dist.bench_scaling",
-    "tta": "nin_dist.bench_tta",
-}
 
 
 def machine() -> dict:
@@ -49,6 +25,16 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def add_config_arguments(p, repeats: int | None = None) -> None:
+    """`--config` and trailing `key=value` overrides: how a benchmark that trains names its job; with
+    `repeats`, also `--repeats` (that many by default)."""
+    p.add_argument("--config", default="configs/cpu.yaml", help="YAML config of the job")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    if repeats is not None:
+        p.add_argument("--repeats", type=int, default=repeats,
+                       help="runs of every measurement, interleaved; the median is shown")
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
@@ -82,35 +68,3 @@ def write_json(path: str | Path | None, result: dict) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {path}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nin-bench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="bench", required=True)
-    modules = {}
-    for name, module_name in BENCHMARKS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            if err.name != module_name:
-                raise
-            continue
-        modules[name] = module
-        p = sub.add_parser(name, help=(module.__doc__ or "").splitlines()[0])
-        p.add_argument("--json", metavar="PATH", help="write the results here")
-        module.add_arguments(p)
-    args = parser.parse_args(argv)
-    init_logging(0)
-    try:
-        return modules[args.bench].run(args)
-    except UserError as err:
-        print(f"nin-bench: error: {err}", file=sys.stderr)
-        return err.exit_code
-
-
-def cli() -> None:
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    cli()

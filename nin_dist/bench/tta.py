@@ -7,35 +7,25 @@ finished. Reports each seed and the median.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from nin_dist.bench import format_table, machine, write_json
-from nin_dist.errors import UserError
+from nin_dist.bench.common import add_config_arguments, format_table, machine, write_json
+from nin_dist.bench.jobs import train_job
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", default="configs/cpu.yaml")
+    add_config_arguments(p)
     p.add_argument("--target", default="0.91", help="test accuracy to reach; comma-separated for several")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
 def time_to_accuracy(config: str, seed: int, targets: list[float], overrides: list[str], out_dir: Path) -> dict:
-    cmd = [sys.executable, "-m", "nin_dist.train", "--config", config, f"seed={seed}", "tracking.enabled=false",
-           "train.progress=false", "run.resume=false", f"run.out_dir={out_dir}", *overrides]
     launched = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    if proc.returncode != 0:
-        raise UserError(f"tta run (seed {seed}) failed: {proc.stderr.strip().splitlines()[-1:]}")
-    metrics = json.loads((out_dir / "metrics.json").read_text())
+    metrics = train_job(config, [f"seed={seed}", *overrides], out_dir, what=f"tta run (seed {seed})")
     row = {"seed": seed, "final_test_acc": metrics["test_acc"], "total_s": time.time() - launched}
     for target in targets:
         reached = next((h for h in metrics["history"] if h["test_acc"] >= target), None)

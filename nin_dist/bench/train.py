@@ -17,7 +17,6 @@ interleaved; each repeat's ratio is to the seed row of that repeat, and the tabl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -29,56 +28,27 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from nin_dist.bench import format_table, machine, median_of_repeats, write_json
+from nin_dist.bench.common import add_config_arguments, format_table, machine, median_of_repeats, write_json
+from nin_dist.bench.jobs import last_line
+from nin_dist.bench.seed import plain_sequential, seed_loader
 from nin_dist.config import Config, load_config, replace
-from nin_dist.data import TRAIN_MEAN, TRAIN_STD, TrainBatches, find_root, load_split, write_torchvision_copy
-from nin_dist.layers import CrossRankBatchNorm2d, GlobalBatchDropout
+from nin_dist.data import TrainBatches, find_root, load_split
 from nin_dist.model import build_model
 from nin_dist.optim import build_optimizer
 from nin_dist.perf import peak_flops, train_flops_per_image
+from nin_dist.precision import autocast, memory_format
 
 ROWS = ("seed", "+device", "+cl", "+bf16", "+compile", "+triton")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", default="configs/cpu.yaml")
+    add_config_arguments(p, repeats=3)
     p.add_argument("--steps", type=int, default=30, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per row (compile happens here)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the seed row (d2l: 4)")
-    p.add_argument("--repeats", type=int, default=3, help="runs of every row, interleaved; the median is shown")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-
-
-def _plain_sequential(model: nn.Sequential) -> nn.Sequential:
-    """The same layers as a plain nn.Sequential with torch's own BatchNorm2d and Dropout (the seed's)."""
-    def plain(m: nn.Module) -> nn.Module:
-        if isinstance(m, CrossRankBatchNorm2d):
-            return nn.BatchNorm2d(m.num_features)
-        if isinstance(m, GlobalBatchDropout):
-            return nn.Dropout(m.p)
-        if isinstance(m, nn.Sequential):
-            return nn.Sequential(*(plain(c) for c in m))
-        return m
-
-    return nn.Sequential(*(plain(m) for m in model))
-
-
-def _seed_loader(cfg: Config, root: Path, workers: int, tmp: str):
-    from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms
-
-    write_torchvision_copy(root, Path(tmp))
-    steps = [transforms.Resize(cfg.data.resize)] if cfg.data.resize != 28 else []
-    steps.append(transforms.ToTensor())
-    if cfg.data.normalize:
-        steps.append(transforms.Normalize((TRAIN_MEAN,), (TRAIN_STD,)))
-    dataset = datasets.FashionMNIST(tmp, train=True, download=False, transform=transforms.Compose(steps))
-    return DataLoader(dataset, cfg.train.batch_size, shuffle=True, num_workers=workers, drop_last=True,
-                      persistent_workers=workers > 0)
 
 
 def _row_config(cfg: Config, row: str) -> Config:
@@ -95,17 +65,16 @@ def measure_row(cfg: Config, row: str, steps: int, warmup: int, workers: int) ->
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, device)
     if row == "seed":
-        model = _plain_sequential(model).to(device)
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        model = plain_sequential(model).to(device)
+    fmt = memory_format(cfg.train)
     model = model.to(memory_format=fmt)
     opt = build_optimizer(model, cfg.optim)
     step_fn = torch.compile(model) if cfg.train.compile else model
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
-                else contextlib.nullcontext())
     root = find_root(cfg.data)
     with tempfile.TemporaryDirectory() as tmp:
         if row == "seed":
-            batches = iter(_seed_loader(cfg, root, workers, tmp))
+            batches = iter(seed_loader(root, Path(tmp), cfg.data.resize, cfg.train.batch_size, workers,
+                                       normalize=cfg.data.normalize, drop_last=True))
         else:
             split = load_split(root, "train").to(device)
             batches = TrainBatches(split, cfg.data, cfg.train.batch_size, 0, 1, cfg.seed).epoch(0)
@@ -121,7 +90,7 @@ def measure_row(cfg: Config, row: str, steps: int, warmup: int, workers: int) ->
             t0 = time.perf_counter()
             x, y = x.to(device, memory_format=fmt), y.to(device)
             opt.zero_grad(set_to_none=True)
-            with autocast:
+            with autocast(cfg.train, device):
                 loss = F.cross_entropy(step_fn(x), y)
             loss.backward()
             opt.step()
@@ -156,7 +125,7 @@ def run(args) -> int:
                    *args.overrides]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             if proc.returncode != 0:
-                skipped[name] = f"failed: {proc.stderr.strip().splitlines()[-1][:80]}"
+                skipped[name] = f"failed: {last_line(proc.stderr)[:80]}"
                 continue
             measured[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     base = measured.get("seed", [])

@@ -7,6 +7,8 @@
   keep their first value (a warning lists those that differ) and only new keys are added.
 - Params are the resolved config with dotted keys (`train.epochs`), `tracking.uri` without its
   password. Every value goes through `clean` (secret redaction) first.
+- Tags (`run_tags`): world size, nodes, backend, torch / triton / mlflow / python versions and the
+  git commit, then the trainer's own (kernel, device).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import platform
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from nin_dist import tracking_store as store
 from nin_dist.config import flatten
 from nin_dist.errors import TrackingError
+from nin_dist.tracking.mlflow_internals import context_tags
+from nin_dist.tracking.redaction import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,16 @@ def _version(package: str) -> str:
         return "absent"
 
 
+def git_commit(cwd: Path | None = None) -> str | None:
+    """HEAD of the git repository holding `cwd` (default: the working folder), or None."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
+
+
 def run_tags(info, tags: dict[str, str]) -> dict[str, str]:
     """Where and with what the run ran; the trainer's `tags` take precedence."""
     import torch
@@ -41,7 +55,7 @@ def run_tags(info, tags: dict[str, str]) -> dict[str, str]:
            "torch_version": torch.__version__, "triton_version": _version("triton"),  # torch's with its build
            "mlflow_version": _version("mlflow"), "python_version": platform.python_version()}
     # The working folder's repository, else the one holding this code (a run folder may be elsewhere).
-    commit = store.git_commit() or store.git_commit(Path(__file__).parent)
+    commit = git_commit() or git_commit(Path(__file__).parent)
     if commit:
         out["git_commit"] = commit
     return out | {key: str(value) for key, value in tags.items()}
@@ -59,7 +73,7 @@ def experiment_id(client, name: str) -> str:
             if experiment is None:
                 raise
     if experiment.lifecycle_stage == "deleted":
-        raise TrackingError(f"tracking.experiment={name!r} is deleted in {store.redact_uri(client.tracking_uri)}; "
+        raise TrackingError(f"tracking.experiment={name!r} is deleted in {redact_uri(client.tracking_uri)}; "
                             f"restore it or choose another name")
     return experiment.experiment_id
 
@@ -69,11 +83,10 @@ def open_run(client, cfg, info, resume_run_id: str | None, tags: dict[str, str],
     """The id of the new or resumed run, its params and tags logged."""
     from mlflow.entities import Param, RunTag
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking.context.registry import resolve_tags
 
-    shown = store.redact_uri(client.tracking_uri)
+    shown = redact_uri(client.tracking_uri)
     params = {key: clean(value) for key, value in flatten(cfg).items()}
-    params["tracking.uri"] = clean(store.redact_uri(cfg.tracking.uri))
+    params["tracking.uri"] = clean(redact_uri(cfg.tracking.uri))
     tags = {key: clean(value) for key, value in run_tags(info, tags).items()}
     if resume_run_id:
         try:
@@ -91,14 +104,16 @@ def open_run(client, cfg, info, resume_run_id: str | None, tags: dict[str, str],
         if changed:
             log.warning("tracking: resumed run %s keeps its first values of %s", run_id, ", ".join(changed))
         params = {key: value for key, value in params.items() if key not in old}
-        items = [RunTag(key, value) for key, value in tags.items()]
-        for lo in range(0, len(items), MAX_BATCH):
-            client.log_batch(run_id, tags=items[lo: lo + MAX_BATCH])
+        _log_batches(client, run_id, tags=[RunTag(key, value) for key, value in tags.items()])
     else:
         run = client.create_run(experiment_id(client, cfg.tracking.experiment), run_name=clean(cfg.run.name),
-                                tags={key: clean(value) for key, value in resolve_tags(tags).items()})
+                                tags={key: clean(value) for key, value in context_tags(tags).items()})
         run_id = run.info.run_id
-    items = [Param(key, value) for key, value in params.items()]
-    for lo in range(0, len(items), MAX_BATCH):
-        client.log_batch(run_id, params=items[lo: lo + MAX_BATCH])
+    _log_batches(client, run_id, params=[Param(key, value) for key, value in params.items()])
     return run_id
+
+
+def _log_batches(client, run_id: str, params: Sequence = (), tags: Sequence = ()) -> None:
+    """`client.log_batch` in requests of at most MAX_BATCH params and MAX_BATCH tags."""
+    for lo in range(0, max(len(params), len(tags)), MAX_BATCH):
+        client.log_batch(run_id, params=params[lo: lo + MAX_BATCH], tags=tags[lo: lo + MAX_BATCH])

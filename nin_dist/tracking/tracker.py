@@ -1,28 +1,18 @@
-"""MLflow tracking, rank 0 only.
-
-`make_tracker` returns an `MLflowTracker` on rank 0 when `tracking.enabled`, and a `NullTracker`
-with the same methods everywhere else, so call sites never test the rank. mlflow is imported only
-by the MLflow tracker: with `tracking.enabled=false` it need not be installed.
-
-A run holds: params = the resolved config with dotted keys; tags = git commit, world size, nodes,
-backend, device, kernel, torch / triton / mlflow versions (and the trainer's); metrics named with a
-namespace and unit (`train/loss`, `perf/img_per_s`) at the global optimizer step; MLflow's own
-system metrics (`system/...`); the two splits as dataset inputs (contexts training / testing); the
-artifacts (`config.yaml`, `metrics.json`, and `predictions/` with the confusion matrix, per-class
-accuracy and misclassified images); the model at the end (`mlflow.pytorch`, named "model").
+"""Rank 0's MLflow run: started or resumed at construction, fed by a background sender, ended by close.
 
 Faults. The store must answer at start, or `TrackingError` names the URI. After that no call
-raises or waits on the network: each call becomes a record (`nin_dist.tracking_spool`) that one
-background thread sends, in call order. When a send fails, that record and every later one go to
-`RUN_DIR/tracking-spool/`; the thread asks the store every `retry_s` whether it is back and then
-sends the spool first. `close` sends what it can and says what is left, which
-`nin-train --sync-tracking RUN_DIR` sends later into the same run, with the original steps and
-timestamps. One HTTP request waits at most `tracking.timeout_s` (see `tracking_store`).
+raises or waits on the network: each call becomes a record (`nin_dist.tracking.records`) that one
+background thread (`nin_dist.tracking.sender`) sends, in call order. When a send fails, that record
+and every later one go to `RUN_DIR/tracking-spool/` (`nin_dist.tracking.spool`); the thread asks the
+store every `retry_s` whether it is back and then sends the spool first. `close` sends what it can
+and says what is left, which `nin-train --sync-tracking RUN_DIR` sends later into the same run, with
+the original steps and timestamps. From start to close, one HTTP request waits at most
+`tracking.timeout_s` and is not retried (`HttpBounds`, `nin_dist.tracking.store`). Every param,
+tag, dataset field and text artifact has its secrets replaced by `***` (`nin_dist.tracking.redaction`).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shutil
@@ -30,48 +20,19 @@ import threading
 import time
 from pathlib import Path
 
-from nin_dist import tracking_store as store
-from nin_dist.errors import TrackingError
-from nin_dist.tracking_run import open_run
-from nin_dist.tracking_sender import Sender
-from nin_dist.tracking_spool import Spool, model_requirements
+from nin_dist.errors import TrackingError, first_line
+from nin_dist.tracking.mlflow_internals import system_metrics_monitor
+from nin_dist.tracking.records import model_requirements
+from nin_dist.tracking.redaction import redact, redact_uri, secret_values
+from nin_dist.tracking.run import open_run
+from nin_dist.tracking.sender import Sender
+from nin_dist.tracking.spool import Spool
+from nin_dist.tracking.store import HttpBounds, check_reachable, resolve_uri
 
 log = logging.getLogger(__name__)
 
 RETRY_S = 30.0  # while the store is away: seconds between checks whether it is back
 MAX_TEXT_BYTES = 16 << 20  # text artifacts up to this size are scanned for secrets
-
-
-class NullTracker:
-    """Same methods as the MLflow tracker; does nothing (ranks > 0, tracking.enabled=false)."""
-
-    run_id: str | None = None
-
-    def log_datasets(self, train, test) -> None: ...
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-
-    def log_test_predictions(self, split, predictions) -> None: ...
-
-    def log_artifact_file(self, path: Path, artifact_path: str | None = None) -> None: ...
-
-    def log_model(self, model, example) -> None: ...
-
-    def close(self, status: str = "FINISHED") -> None: ...
-
-
-def make_tracker(cfg, info, run_dir: Path, resume_run_id: str | None, tags: dict[str, str]):
-    """The MLflow tracker on rank 0 with tracking enabled; a NullTracker elsewhere."""
-    if info.rank != 0 or not cfg.tracking.enabled:
-        return NullTracker()
-    return MLflowTracker(cfg, info, run_dir, resume_run_id, tags)
-
-
-def sync_spool(run_dir: Path) -> int:
-    """`nin-train --sync-tracking RUN_DIR`: send what a run kept in RUN_DIR/tracking-spool/."""
-    from nin_dist import tracking_spool
-
-    return tracking_spool.sync(Path(run_dir))
 
 
 def _now_ms() -> int:
@@ -88,28 +49,26 @@ class MLflowTracker:
         tcfg = cfg.tracking
         self._timeout_s = tcfg.timeout_s
         self._log_model_enabled, self._system_metrics = tcfg.log_model, tcfg.system_metrics
-        self.uri, source = store.resolve_uri(tcfg.uri)
-        self._secrets = store.secret_values((tcfg.uri, self.uri))
+        self.uri, source = resolve_uri(tcfg.uri)
+        self._secrets = secret_values((tcfg.uri, self.uri))
         if self._system_metrics:
             try:
                 import psutil  # noqa: F401  (MLflow's system metrics read it)
             except ImportError:
                 raise TrackingError("tracking.system_metrics=true needs the psutil package "
                                     "(pip install psutil), or set tracking.system_metrics=false") from None
-        store.bound_http_calls(tcfg.timeout_s)
-        store.check_reachable(self.uri, source, tcfg.timeout_s)
-        self._spool = Spool(run_dir)
-        self._spool.bind(self.uri)
-        mlflow.set_tracking_uri(self.uri)
-        self._client = mlflow.MlflowClient(self.uri)
+        self._http_bounds = HttpBounds(tcfg.timeout_s).open()
         try:
-            self.run_id = open_run(self._client, cfg, info, resume_run_id, tags or {}, self._clean)
-        except TrackingError:
+            check_reachable(self.uri, source, tcfg.timeout_s)
+            self._spool = Spool(run_dir)
+            self._spool.bind(self.uri)
+            mlflow.set_tracking_uri(self.uri)
+            self._client = mlflow.MlflowClient(self.uri)
+            self.run_id = self._open_run(cfg, info, resume_run_id, tags or {})
+        except BaseException:
+            self._http_bounds.close()
             raise
-        except Exception as err:  # MlflowException, or the store's own (SQLAlchemy, OS) errors
-            raise TrackingError(f"MLflow tracking store {store.redact_uri(self.uri)}: could not start the run "
-                                f"({store.first_line(err)})") from None
-        log.info("tracking: MLflow run %s in %s", self.run_id, store.redact_uri(self.uri))
+        log.info("tracking: MLflow run %s in %s", self.run_id, redact_uri(self.uri))
 
         self._closed = False
         self._last_step = 0
@@ -118,8 +77,18 @@ class MLflowTracker:
         self._sender = Sender(self._client, self.uri, self._spool, tcfg.timeout_s, retry_s,
                               on_reconnect=self._restart_monitor)
 
+    def _open_run(self, cfg, info, resume_run_id: str | None, tags: dict[str, str]) -> str:
+        """The run's id (`open_run`); a failure of the store becomes a TrackingError naming it."""
+        try:
+            return open_run(self._client, cfg, info, resume_run_id, tags, self._clean)
+        except TrackingError:
+            raise
+        except Exception as err:  # MlflowException, or the store's own (SQLAlchemy, OS) errors
+            raise TrackingError(f"MLflow tracking store {redact_uri(self.uri)}: could not start the run "
+                                f"({first_line(err)})") from None
+
     def _clean(self, value) -> str:
-        return store.redact(str(value), self._secrets)
+        return redact(str(value), self._secrets)
 
     # ------------------------------------------------------------------ calls: each queues one record
 
@@ -143,24 +112,21 @@ class MLflowTracker:
         self._put(lambda: record)
 
     def _dataset(self, split) -> dict:
-        """MLflow's dataset entity for a split: digest of the upstream files, source their folder."""
+        """MLflow's dataset fields for a split (`Dataset.to_dict()`): digest of the upstream files,
+        source their folder, the profile with the row count and the files."""
         import warnings
 
         import mlflow.data
 
-        from nin_dist.data import FILES
-
-        full = FILES[(split.name, "images")].count
-        name = f"fashion-mnist-{split.name}" + ("" if len(split) == full else f"[:{len(split)}]")
         with warnings.catch_warnings():  # a local path is "ambiguous" between two equal source kinds
             warnings.simplefilter("ignore")
-            entity = mlflow.data.from_numpy(split.images.cpu().numpy(), source=str(split.files[0].parent),
-                                            targets=split.labels.cpu().numpy(), name=name,
-                                            digest=split.digest)._to_mlflow_entity()
-        profile = json.loads(entity.profile or "{}") | {"num_rows": len(split),
-                                                        "files": [str(p) for p in split.files]}
-        return {"name": entity.name, "digest": entity.digest, "source_type": entity.source_type,
-                "source": self._clean(entity.source), "schema": entity.schema,
+            fields = mlflow.data.from_numpy(split.images.cpu().numpy(), source=str(split.files[0].parent),
+                                            targets=split.labels.cpu().numpy(), name=split.dataset_name,
+                                            digest=split.digest).to_dict()
+        profile = json.loads(fields.get("profile") or "{}") | {"num_rows": len(split),
+                                                               "files": [str(p) for p in split.files]}
+        return {"name": fields["name"], "digest": fields["digest"], "source_type": fields["source_type"],
+                "source": self._clean(fields["source"]), "schema": fields.get("schema"),
                 "profile": self._clean(json.dumps(profile))}
 
     def log_artifact_file(self, path: Path, artifact_path: str | None = None) -> None:
@@ -194,7 +160,7 @@ class MLflowTracker:
         predicted = predictions.cpu().numpy()
 
         def render() -> dict:
-            from nin_dist.tracking_report import write_report
+            from nin_dist.tracking.report import write_report
 
             folder = self._spool.stage("predictions")
             write_report(folder, images, labels, predicted)
@@ -204,25 +170,20 @@ class MLflowTracker:
         self._put(render)
 
     def log_model(self, model, example) -> None:
-        """The model as an MLflow pytorch model named "model", on the CPU with the portable PyTorch kernel,
-        with the signature of `example` -> output and `example` as input example."""
+        """The model as an MLflow pytorch model named "model", with the signature of `example` -> output
+        and `example` as input example. `model` must run on the CPU as it is (`NiN.portable_copy()`)."""
         if not self._log_model_enabled or self._closed:
             return
         import mlflow.pytorch
         import torch
         from mlflow.models import infer_signature
 
-        from nin_dist.distributed import unwrap
-
         try:
-            net = copy.deepcopy(unwrap(model)).cpu().eval()
-            if hasattr(net, "set_kernel"):
-                net.set_kernel("torch")  # loads and runs anywhere, without Triton or a GPU
             x = example.detach().cpu().float()
             with torch.no_grad():
-                y = net(x)
+                y = model(x)
             path = self._spool.stage("model")
-            mlflow.pytorch.save_model(net, str(path), signature=infer_signature(x.numpy(), y.numpy()),
+            mlflow.pytorch.save_model(model, str(path), signature=infer_signature(x.numpy(), y.numpy()),
                                       input_example=x.numpy(), pip_requirements=model_requirements())
         except Exception:  # the run's result is in the checkpoint; a tracking copy must not fail it
             log.exception("tracking: the model could not be saved for MLflow (the checkpoint holds its weights)")
@@ -232,7 +193,8 @@ class MLflowTracker:
         self._put(lambda: record)
 
     def close(self, status: str = "FINISHED") -> None:
-        """Stop system metrics, end the run with `status`, send or keep everything queued."""
+        """Stop system metrics, end the run with `status`, send or keep everything queued, and lift
+        the HTTP bounds."""
         if self._closed:
             return
         end_time = _now_ms()
@@ -241,11 +203,12 @@ class MLflowTracker:
         self._sender.put(lambda: {"kind": "terminate", "run_id": self.run_id, "status": status,
                                   "end_time": end_time})
         self._sender.finish()
+        self._http_bounds.close()
         left = self._spool.pending()
         if left:
             log.warning("tracking: %d records of MLflow run %s could not be sent to %s; they wait in %s; "
                         "send them with: nin-train --sync-tracking %s", left, self.run_id,
-                        store.redact_uri(self.uri), self._spool.folder, self._spool.folder.parent)
+                        redact_uri(self.uri), self._spool.folder, self._spool.folder.parent)
         else:
             self._spool.remove_if_idle()
 
@@ -254,16 +217,14 @@ class MLflowTracker:
     def _start_monitor(self, resume: bool) -> None:
         if not self._system_metrics:
             return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
         with self._monitor_lock:
             if self._closed or self._monitor is not None:
                 return
             try:
-                self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
+                self._monitor = system_metrics_monitor(self.run_id, resume=resume, tracking_uri=self.uri)
                 self._monitor.start()
             except Exception as err:
-                log.warning("tracking: system metrics not started (%s)", store.first_line(err))
+                log.warning("tracking: system metrics not started (%s)", first_line(err))
                 self._monitor = None
 
     def _restart_monitor(self) -> None:

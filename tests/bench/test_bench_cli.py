@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from nin_dist.bench import main
+from nin_dist.bench.__main__ import main
 
 
 def test_bench_data_prints_both_pipelines_and_the_ratio(tmp_path, data_root, capsys):
@@ -66,6 +66,6 @@ def test_bench_tta_reads_the_trainers_history(tmp_path, data_root, monkeypatch):
 @pytest.mark.parametrize("times, median", [([30.0, None, 10.0], 30.0), ([None, 5.0, None], None),
                                            ([3.0, 1.0, 2.0], 2.0), ([4.0, None], None)])
 def test_tta_median_counts_a_seed_that_never_reached_the_target_as_slowest(times, median):
-    from nin_dist.bench_tta import median_time
+    from nin_dist.bench.tta import median_time
 
     assert median_time(times) == median

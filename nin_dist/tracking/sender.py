@@ -19,8 +19,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from nin_dist import tracking_store as store
-from nin_dist.tracking_spool import Spool, apply_record, refused
+from nin_dist.errors import first_line
+from nin_dist.tracking.records import apply_record, refused
+from nin_dist.tracking.redaction import redact_uri
+from nin_dist.tracking.spool import Spool
+from nin_dist.tracking.store import probe
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ class Sender:
                 done, since = self._jobs_done, time.monotonic()
             elif time.monotonic() - since > stall_s:
                 log.warning("tracking: a request to %s has not returned in %.0f s; keeping the rest in %s",
-                            store.redact_uri(self._uri), stall_s, self._spool.folder)
+                            redact_uri(self._uri), stall_s, self._spool.folder)
                 self._abandon()
                 return
 
@@ -97,13 +100,13 @@ class Sender:
             except Exception as err:
                 if refused(err):
                     log.error("tracking: the store refused a %s record (%s); dropped: %s", record["kind"],
-                              store.first_line(err), json.dumps(record)[:500])
+                              first_line(err), json.dumps(record)[:500])
                     self._spool.discard(record)
                     return
                 self._online, self._last_probe = False, time.monotonic()
                 log.warning("tracking: sending to %s failed (%s); keeping this and later records in %s and "
-                            "checking every %g s whether the store is back", store.redact_uri(self._uri),
-                            store.first_line(err), self._spool.folder, self._retry_s)
+                            "checking every %g s whether the store is back", redact_uri(self._uri),
+                            first_line(err), self._spool.folder, self._retry_s)
         self._spool.append(record)
 
     def _reachable(self, force: bool = False) -> bool:
@@ -115,15 +118,15 @@ class Sender:
         if not force and time.monotonic() - self._last_probe < self._retry_s:
             return False
         self._last_probe = time.monotonic()
-        if not store.probe(self._uri, self._timeout_s):
+        if not probe(self._uri, self._timeout_s):
             return False
         try:
             sent = self._spool.replay(self._client)
         except Exception as err:
-            log.warning("tracking: sending kept records failed (%s); %d still kept", store.first_line(err),
+            log.warning("tracking: sending kept records failed (%s); %d still kept", first_line(err),
                         self._spool.pending())
             return False
-        log.info("tracking: %s answers; sent %d kept records", store.redact_uri(self._uri), sent)
+        log.info("tracking: %s answers; sent %d kept records", redact_uri(self._uri), sent)
         self._online = True
         self._on_reconnect()
         return True

@@ -24,7 +24,7 @@ import sys
 import torch
 from torch import nn
 
-from nin_dist.bench import format_table, machine, write_json
+from nin_dist.bench.common import format_table, machine, write_json
 
 BLOCKS = ((96, 54), (256, 26), (384, 12), (10, 5))  # (channels, spatial size) at a 224-pixel input
 IMPLS = ("triton", "eager", "compile")

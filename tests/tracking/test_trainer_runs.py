@@ -15,18 +15,16 @@ from pathlib import Path
 import mlflow
 import mlflow.pytorch
 import pytest
+from helpers import data_dir
 from mlflow import MlflowClient
+from mlflow_runs import PREDICTION_FILES
 
 from nin_dist.config import flatten, load_config
 from nin_dist.data import load_split, to_inputs
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("NIN_DATA_DIR", REPO.parent / "shared" / "data" / "fashion-mnist"))
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = ["data.train_limit=512", "data.test_limit=256", "train.epochs=1", "train.batch_size=256",
-         "train.progress=false",
-         "tracking.system_metrics=false"]
-PREDICTION_FILES = {"confusion_matrix.png", "confusion_matrix.csv", "per_class_accuracy.csv",
-                    "per_class_accuracy.json", "misclassified.png"}
+         "train.progress=false", "tracking.system_metrics=false"]
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +33,7 @@ def train(cwd: Path, *args: str, nproc: int = 1, timeout: int = 300) -> subproce
     """nin-train (under torchrun when nproc > 1) in `cwd`; fails the test with the output on error."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    env = os.environ | {"NIN_DATA_DIR": str(DATA)}
+    env = os.environ | {"NIN_DATA_DIR": str(data_dir())}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run([*launcher, "-m", "nin_dist.train", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -74,7 +72,7 @@ def test_torchrun_two_processes_log_one_complete_run(tmp_path):
         assert steps[key] == [2], key
 
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
-    test_split = load_split(DATA, "test", limit=256)
+    test_split = load_split(data_dir(), "test", limit=256)
     assert set(inputs) == {"fashion-mnist-train[:512]", "fashion-mnist-test[:256]"}
     assert inputs["fashion-mnist-test[:256]"].dataset.digest == test_split.digest
 
@@ -118,7 +116,7 @@ def test_tracking_disabled_never_imports_mlflow(tmp_path):
             "            'tracking.enabled=false', 'run.name=off'])\n"
             "assert rc == 0, rc\n"
             "assert 'mlflow' not in sys.modules, 'mlflow imported'\n")
-    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=os.environ | {"NIN_DATA_DIR": str(DATA)},
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=os.environ | {"NIN_DATA_DIR": str(data_dir())},
                    check=True, timeout=300)
     assert not (tmp_path / "mlflow.db").exists()
     assert json.loads((tmp_path / "runs" / "off" / "metrics.json").read_text())["mlflow_run_id"] is None
@@ -141,12 +139,11 @@ def test_sync_tracking_cli(tmp_path):
     assert (spool / "records.jsonl").exists(), "kept for a later try"
 
 
-
 def test_torchrun_two_processes_against_a_real_server_and_its_ui(tmp_path):
     """The same 2-process job against `launch/mlflow-server.sh`: one run, and the UI's page and
     REST endpoints return it with its metrics."""
     import requests
-    from test_tracking import Server
+    from mlflow_server import Server
 
     srv = Server(tmp_path)
     srv.start()
@@ -174,8 +171,7 @@ def test_a_worker_killed_and_restarted_by_torchrun_keeps_one_run(tmp_path):
     import signal
     import time
 
-    from helpers import finish, overrides, start, torchrun_cmd
-    from test_distributed import _children, _local_rank
+    from helpers import children, finish, local_rank, overrides, start, torchrun_cmd
 
     from nin_dist import checkpoint as ckpt
 
@@ -190,7 +186,7 @@ def test_a_worker_killed_and_restarted_by_torchrun_keeps_one_run(tmp_path):
         assert job.poll() is None, finish(job, 5)[1][-4000:]
         assert time.monotonic() < deadline, "no mid-epoch checkpoint"
         time.sleep(0.05)
-    workers = {_local_rank(pid): pid for pid in _children(job.pid)}
+    workers = {local_rank(pid): pid for pid in children(job.pid)}
     os.kill(workers[1], signal.SIGKILL)
     rc, text = finish(job, timeout=300)
     assert rc == 0 and "resuming from" in text, text[-4000:]

@@ -1,0 +1,59 @@
+"""The network's arithmetic, from the config's numbers alone: feature sizes, smallest input, FLOPs.
+
+Standard library only, so `nin_dist.config` can check a resize against the network without
+importing torch. `nin_dist.model` builds the layers these numbers describe, and
+tests/test_model.py checks them against the real module (shapes, and FLOPs counted by hooks).
+"""
+
+from __future__ import annotations
+
+from nin_dist.errors import ConfigError
+
+NUM_CLASSES = 10
+SEED_WIDTHS = (96, 256, 384)  # the seed's block widths; the last block has NUM_CLASSES channels
+POOL_KERNEL, POOL_STRIDE = 3, 2
+LATER_KERNELS = (5, 3, 3)  # blocks 2-4: k x k convs that keep the size (padding k // 2)
+
+Stem = tuple[int, int, int]  # the first block's conv: (kernel size, stride, padding), pixels
+
+
+def block_widths(width: float) -> tuple[int, int, int]:
+    """Channels of blocks 1-3 for a width multiplier on the seed's (at least one each)."""
+    return tuple(max(1, round(c * width)) for c in SEED_WIDTHS)
+
+
+def feature_sizes(stem: Stem, size: int) -> list[int] | None:
+    """Spatial side after each of the 7 spatial layers (blocks and pools), or None if it vanishes."""
+    kernel, stride, padding = stem
+    sizes = []
+    side = (size + 2 * padding - kernel) // stride + 1
+    for _ in range(3):
+        if side < 1:
+            return None
+        sizes.append(side)  # block output (blocks 2-4 keep the size: 5x5 pad 2, 3x3 pad 1)
+        side = (side - POOL_KERNEL) // POOL_STRIDE + 1
+        if side < 1:
+            return None
+        sizes.append(side)
+    sizes.append(side)  # last block
+    return sizes
+
+
+def smallest_input_size(stem: Stem, limit: int = 4096) -> int:
+    """Smallest square input side that survives every conv and pool of the network."""
+    for size in range(1, limit + 1):
+        if feature_sizes(stem, size) is not None:
+            return size
+    raise ConfigError(f"model.stem_*: no input up to {limit} pixels fits this stem")
+
+
+def flops_per_image(width: float, stem: Stem, size: int) -> float:
+    """Forward FLOPs (2 per multiply-add) of every conv for one size x size image."""
+    widths = (*block_widths(width), NUM_CLASSES)
+    in_channels = (1, *widths[:3])
+    kernels = (stem[0], *LATER_KERNELS)
+    block_sides = feature_sizes(stem, size)[0::2]  # outputs of blocks 1-4
+    total = 0.0
+    for cin, cout, k, side in zip(in_channels, widths, kernels, block_sides, strict=True):
+        total += 2 * side * side * cout * (cin * k * k + 2 * cout)  # k x k conv + two 1x1 convs
+    return total

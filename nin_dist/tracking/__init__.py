@@ -1,0 +1,65 @@
+"""MLflow tracking, rank 0 only.
+
+`make_tracker` returns an `MLflowTracker` on rank 0 when `tracking.enabled`, and a `NullTracker`
+with the same methods everywhere else, so call sites never test the rank. mlflow is imported only
+once an MLflow tracker or a sync is made: with `tracking.enabled=false` it need not be installed.
+
+A run holds: params = the resolved config with dotted keys; tags = git commit, world size, nodes,
+backend, device, kernel, torch / triton / mlflow versions (and the trainer's); metrics named with a
+namespace and unit (`train/loss`, `perf/img_per_s`) at the global optimizer step; MLflow's own
+system metrics (`system/...`); the two splits as dataset inputs (contexts training / testing); the
+artifacts (`config.yaml`, `metrics.json`, and `predictions/` with the confusion matrix, per-class
+accuracy and misclassified images); the model at the end (`mlflow.pytorch`, named "model").
+
+The modules, one job each:
+
+- `tracker`: `MLflowTracker`, rank 0's run from start to close;
+- `run`: creating or resuming the run, with its params and tags;
+- `records`: sending one record (metrics, datasets, artifact, model, end) to MLflow;
+- `sender`: the background thread that sends records in call order, or keeps them;
+- `spool`: records kept in the run folder, and their replay (`sync`);
+- `store`: where the store is, whether it answers, how long one HTTP request may take;
+- `redaction`: secrets and URI passwords kept out of everything sent;
+- `mlflow_internals`: the MLflow internals used, and why the public API does not do the job;
+- `report`: the test-set report (confusion matrix, per-class accuracy, misclassified images).
+
+This module imports none of them until a tracker or a sync is asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class NullTracker:
+    """Same methods as the MLflow tracker; does nothing (ranks > 0, tracking.enabled=false)."""
+
+    run_id: str | None = None
+
+    def log_datasets(self, train, test) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_test_predictions(self, split, predictions) -> None: ...
+
+    def log_artifact_file(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def log_model(self, model, example) -> None: ...
+
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+def make_tracker(cfg, info, run_dir: Path, resume_run_id: str | None, tags: dict[str, str]):
+    """The MLflow tracker on rank 0 with tracking enabled; a NullTracker elsewhere."""
+    if info.rank != 0 or not cfg.tracking.enabled:
+        return NullTracker()
+    from nin_dist.tracking.tracker import MLflowTracker
+
+    return MLflowTracker(cfg, info, run_dir, resume_run_id, tags)
+
+
+def sync(run_dir: Path) -> int:
+    """`nin-train --sync-tracking RUN_DIR`: send what a run kept in RUN_DIR/tracking-spool/."""
+    from nin_dist.tracking.spool import sync as replay
+
+    return replay(Path(run_dir))

@@ -1,0 +1,54 @@
+"""What must never be sent to MLflow: secrets, and the password of a tracking URI.
+
+Secrets are the values of environment variables whose names hold TOKEN, PASSWORD, PASSWD, SECRET,
+KEY or CREDENTIAL, and the password of a `user:password@` tracking URI. They are replaced by `***`
+in every param, tag, dataset field and text artifact (`secret_values` + `redact`). URIs are shown
+with `***` for the password (`redact_uri`) and kept on disk without it (`storable_uri`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+REDACTED = "***"
+_SECRET_NAME = re.compile(r"TOKEN|PASSWORD|PASSWD|SECRET|KEY|CREDENTIAL", re.IGNORECASE)
+# Values too short or too common to be a secret (e.g. FOO_KEY=1); replacing them would garble text.
+_NOT_SECRET = {"true", "false", "yes", "no", "none", "null", "on", "off"}
+_MIN_SECRET_CHARS = 4
+
+
+def uri_password(uri: str | None) -> str | None:
+    return urlsplit(uri).password if uri else None
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """`http://user:***@host:5000` for `http://user:pw@host:5000`; other URIs unchanged."""
+    if not uri:
+        return uri
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:{REDACTED}@{parts.netloc.rpartition('@')[2]}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def storable_uri(uri: str) -> str:
+    """The URI without a password (a replay takes credentials from MLflow's usual variables)."""
+    password = uri_password(uri)
+    return uri.replace(f":{password}@", "@", 1) if password else uri
+
+
+def secret_values(uris: tuple[str | None, ...] = ()) -> list[str]:
+    """The strings to keep out of MLflow, longest first (so a secret inside another goes with it)."""
+    found = {value for name, value in os.environ.items()
+             if _SECRET_NAME.search(name) and len(value) >= _MIN_SECRET_CHARS and value.lower() not in _NOT_SECRET}
+    found |= {p for p in map(uri_password, uris) if p}
+    return sorted(found, key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
