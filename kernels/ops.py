@@ -76,7 +76,11 @@ def _interpreter_plan(C: int) -> Plan:
 # registers, so smaller tiles) and an "aligned" one for channels_last tensors whose C and strides
 # are multiples of 16 (vector loads). The forward's [BLOCK_M, BLOCK_C] fp32 accumulator lives in
 # registers, so its tiles also shrink as BLOCK_C grows. Every entry is sized so that ptxas spills
-# nothing and 16-bit/tf32 dots use wgmma on sm_90 (BLOCK_M >= 64 per 4 warps); kernels.aot checks.
+# nothing and 16-bit/tf32 dots use wgmma on sm_90 (BLOCK_M >= 64 per 4 warps); kernels.aot checks,
+# on triton 3.6 to 3.9. Every block dimension is a power of two >= 16, fp32 ones too: triton 3.6
+# and 3.7 refuse a tl.dot with K < 16 whatever the dtype. The fp32 "ieee" kernels are FMA loops
+# near the register limit, where ptxas differs between releases: those entries are the ones
+# that spill on none of the four.
 GPU_BLOCK_C = (64, 128, 256, 512)  # C <= 64 shares the 64-wide kernel: NiN's C=10 is tiny work
 
 
@@ -94,25 +98,25 @@ _FWD = {  # (dtype class, BLOCK_C) -> Tiles(unaligned, aligned)
     ("tf32", 256): Tiles(_fwd(64, 32, 32, 8), _fwd(64, 32, 32, 8)),
     ("tf32", 512): Tiles(_fwd(64, 16, 16, 8), _fwd(64, 16, 32, 8)),
     ("ieee", 64): Tiles(_fwd(32, 32, 16, 4), _fwd(32, 32, 16, 4)),
-    ("ieee", 128): Tiles(_fwd(32, 16, 16, 8), _fwd(32, 16, 16, 8)),
-    ("ieee", 256): Tiles(_fwd(32, 16, 8, 8), _fwd(32, 16, 8, 8)),
-    ("ieee", 512): Tiles(_fwd(16, 16, 8, 8), _fwd(16, 16, 8, 8)),
+    ("ieee", 128): Tiles(_fwd(16, 16, 16, 4), _fwd(16, 16, 16, 4)),
+    ("ieee", 256): Tiles(_fwd(32, 16, 16, 4), _fwd(32, 16, 16, 4)),
+    ("ieee", 512): Tiles(_fwd(16, 16, 16, 4), _fwd(16, 16, 16, 4)),
 }
 
 
-def _bwd(bm, bn, bk, dw, warps=4):
+def _bwd(bm, bn, bk, dw, warps=4, dw_warps=4):
     bo, bi, bm_dw = dw  # dW tile rows, columns, pixels per step; wgmma wants bo >= 64
     return dict(
         hidden=_cfg(BLOCK_M=bm, BLOCK_H=bn, BLOCK_K=bk, num_warps=warps, num_stages=2),
         dx=_cfg(BLOCK_M=bm, BLOCK_I=bn, BLOCK_K=bk, num_warps=warps, num_stages=2),
-        dw=_cfg(BLOCK_O=bo, BLOCK_I=bi, BLOCK_M=bm_dw, num_warps=warps, num_stages=2),
+        dw=_cfg(BLOCK_O=bo, BLOCK_I=bi, BLOCK_M=bm_dw, num_warps=dw_warps, num_stages=2),
     )
 
 
 _BWD = {  # dtype class -> (unaligned, aligned); these kernels hold no full-width tile
     "16bit": (_bwd(64, 32, 32, (64, 32, 32)), _bwd(64, 64, 64, (64, 64, 64))),
     "tf32": (_bwd(64, 32, 32, (64, 32, 32)), _bwd(64, 64, 32, (64, 64, 32))),
-    "ieee": (_bwd(32, 32, 16, (32, 32, 8)), _bwd(32, 32, 16, (32, 32, 8))),
+    "ieee": (_bwd(32, 32, 16, (32, 32, 16), dw_warps=8), _bwd(32, 32, 16, (32, 32, 16), dw_warps=8)),
 }
 _REDUCE = _cfg(BLOCK=1024, num_warps=4, num_stages=1)
 _DW_PROGRAMS = 512  # a few waves on 108 (A100) to 132 (H100) SMs

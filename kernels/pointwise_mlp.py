@@ -82,6 +82,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+from triton.runtime.interpreter import InterpretedFunction
 
 MAX_CHANNELS = 512  # the widest y accumulator the forward is tuned (and AOT-checked) for
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -574,6 +575,13 @@ def _arrange(out: torch.Tensor, *inputs: torch.Tensor) -> _Arrangement:
     return _Arrangement(tensors, images, HW, strides, channels_last, aligned)
 
 
+def _launchable(kernel):
+    """``wrap_triton(kernel)``, so that ``triton_op`` traces the launch. Under TRITON_INTERPRET=1
+    the kernel is a plain Python function that no graph ever holds (``kernels.ops`` registers the
+    op as an opaque ``custom_op`` then), launched as it is: torch 2.11's wrap_triton refuses it."""
+    return kernel if isinstance(kernel, InterpretedFunction) else wrap_triton(kernel)
+
+
 def _floor(relu_input: bool) -> float:
     return 0.0 if relu_input else float("-inf")
 
@@ -605,7 +613,7 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tenso
     (x,), (y_strides, x_strides) = lay.inputs, lay.strides
     cfg = plan.fwd.pick(lay.aligned)
     grid = (triton.cdiv(lay.HW, cfg["BLOCK_M"]), lay.images)
-    wrap_triton(_fwd_kernel)[grid](
+    _launchable(_fwd_kernel)[grid](
         x, _as_matrix(w1), b1.contiguous(), _as_matrix(w2), b2.contiguous(), y,
         lay.HW, C, _padded(C), _floor(relu_input), *x_strides, *y_strides,
         INPUT_PRECISION=plan.input_precision, BLOCK_C=plan.block_c, **cfg.launch_kwargs(),
@@ -647,7 +655,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
     dz2 = torch.empty_like(h)
     cfg = plan.hidden.pick(lay.aligned)
     grid = (triton.cdiv(HW, cfg["BLOCK_M"]), images, triton.cdiv(C, cfg["BLOCK_H"]))
-    wrap_triton(_bwd_hidden_kernel)[grid](
+    _launchable(_bwd_hidden_kernel)[grid](
         x, w1m, b1, w2m, y, dy, h, dz1, dz2,
         HW, C, C_pad, floor, *x_strides, *y_strides,
         INPUT_PRECISION=prec, **cfg.launch_kwargs(),
@@ -656,7 +664,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
     # --- 2. dx = (dz1·W1) ⊙ [x > 0]
     cfg = plan.dx.pick(lay.aligned)
     grid = (triton.cdiv(HW, cfg["BLOCK_M"]), images, triton.cdiv(C, cfg["BLOCK_I"]))
-    wrap_triton(_bwd_dx_kernel)[grid](
+    _launchable(_bwd_dx_kernel)[grid](
         dz1, w1m, x, dx,
         HW, C, C_pad, floor, *x_strides, *dx_strides,
         INPUT_PRECISION=prec, **cfg.launch_kwargs(),
@@ -677,13 +685,13 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
         tiles_per_split = triton.cdiv(tiles, split)
         split = triton.cdiv(tiles, tiles_per_split)  # no empty splits
         part = torch.empty((split, C * C + C), dtype=acc_dtype, device=x.device)
-        wrap_triton(_bwd_dw_kernel)[(tiles_w, split)](
+        _launchable(_bwd_dw_kernel)[(tiles_w, split)](
             g, p, part,
             HW, C, C_pad, tiles_per_image, tiles_per_split, tiles, p_floor, *p_strides,
             INPUT_PRECISION=prec, **cfg.launch_kwargs(),
         )
         rcfg = plan.reduce
-        wrap_triton(_bwd_reduce_kernel)[(triton.cdiv(C * C + C, rcfg["BLOCK"]),)](
+        _launchable(_bwd_reduce_kernel)[(triton.cdiv(C * C + C, rcfg["BLOCK"]),)](
             part, dw, db, C, split, **rcfg.launch_kwargs(),
         )
     return dx, dw1, db1, dw2, db2

@@ -13,6 +13,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +22,34 @@ from typing import Any
 
 import yaml
 
-from nin_dist.errors import ConfigError
-from nin_dist.shapes import smallest_input_size
+from nin_dist.errors import ConfigError, first_line
+from nin_dist.shapes import parameter_count, smallest_input_size
+
+# Upper bounds: above them a value overflows an int64 or a C int further down, or only exhausts the machine.
+TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000  # Fashion-MNIST's splits (nin_dist.data verifies the counts)
+# The images are 28 pixels, the seed resizes to 224. At 2048 the seed's network costs ~150 GFLOP per image
+# forward (100x) and ~0.3 GB of first-block activations per image; more pixels add only memory.
+MAX_RESIZE = 2048
+# 16x the seed's channels is ~500M parameters (2 GB of fp32 weights, ~6 GB with gradients and
+# momentum); with a wide stem kernel the count is bounded on its own by MAX_PARAMETERS.
+MAX_WIDTH = 16.0
+MAX_PARAMETERS = 10**9
+# A 64-bit seed: the data order and dropout mix it with the epoch / step and take the result modulo
+# 2**64 (nin_dist.data, nin_dist.layers), the range torch's generators accept.
+SEED_LIMIT = 2**63
+MAX_EPOCHS = 10**6  # 6e10 images of Fashion-MNIST: beyond any run
+MAX_STEPS = 10**12  # optimizer steps (and step intervals): keeps step counters far inside int64
+MAX_THREADS = 1024  # torch intra-op threads: above any machine's cores; torch itself takes a C int
+MAX_BUCKET_MB = 65536.0  # DDP bucket, MiB: larger than the gradients of the largest model allowed
+MAX_TIMEOUT_S = 3600.0  # one tracking call; longer waits stall the run, and the sender's guard is 6x this
+
+_show = reprlib.Repr()  # values in messages: short and on one line, however large or nested
+_show.maxstring, _show.maxother, _show.maxlist, _show.maxdict, _show.maxlevel = 60, 60, 4, 4, 2
 
 
 def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
     if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+        raise ConfigError(f"{key}={_show.repr(value)} is not allowed: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -40,10 +63,11 @@ class DataConfig:
     test_limit: int | None = None  # use only the first N test images (smoke runs)
 
     def __post_init__(self):
-        _require(self.resize >= 1, "data.resize", "a positive number of pixels", self.resize)
-        for name in ("train_limit", "test_limit"):
+        _require(1 <= self.resize <= MAX_RESIZE, "data.resize", f"1 to {MAX_RESIZE} pixels", self.resize)
+        for name, size in (("train_limit", TRAIN_IMAGES), ("test_limit", TEST_IMAGES)):
             value = getattr(self, name)
-            _require(value is None or value >= 1, f"data.{name}", "null or a positive count", value)
+            _require(value is None or 1 <= value <= size, f"data.{name}",
+                     f"null or a count from 1 to {size} (the split's size)", value)
 
 
 @dataclass(frozen=True)
@@ -66,12 +90,20 @@ class ModelConfig:
         return self.stem_kernel, self.stem_stride, self.stem_padding
 
     def __post_init__(self):
-        _require(self.width > 0, "model.width", "a positive multiplier", self.width)
+        _require(0 < self.width <= MAX_WIDTH, "model.width", f"a positive multiplier up to {MAX_WIDTH:g}",
+                 self.width)
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "a probability in [0, 1)", self.dropout)
         _require(self.kernel in ("auto", "triton", "torch"), "model.kernel", "auto, triton or torch", self.kernel)
-        _require(self.stem_kernel >= 1, "model.stem_kernel", "a positive kernel size", self.stem_kernel)
-        _require(self.stem_stride >= 1, "model.stem_stride", "a positive stride", self.stem_stride)
-        _require(self.stem_padding >= 0, "model.stem_padding", "zero or more pixels", self.stem_padding)
+        _require(1 <= self.stem_kernel <= MAX_RESIZE, "model.stem_kernel", f"a kernel size from 1 to {MAX_RESIZE}",
+                 self.stem_kernel)
+        _require(1 <= self.stem_stride <= MAX_RESIZE, "model.stem_stride", f"a stride from 1 to {MAX_RESIZE}",
+                 self.stem_stride)
+        # Padding as wide as the kernel gives border outputs that see nothing but zeros.
+        _require(0 <= self.stem_padding < self.stem_kernel, "model.stem_padding",
+                 f"0 to model.stem_kernel - 1 = {self.stem_kernel - 1} pixels", self.stem_padding)
+        count = parameter_count(self.width, self.stem_kernel, self.batchnorm)
+        _require(count <= MAX_PARAMETERS, "model.width", f"a network of at most {MAX_PARAMETERS:.0e} parameters "
+                 f"(this one, with model.stem_kernel={self.stem_kernel}, has {count:.2e})", self.width)
 
 
 @dataclass(frozen=True)
@@ -87,7 +119,7 @@ class OptimConfig:
 
     def __post_init__(self):
         _require(self.lr > 0, "optim.lr", "a positive learning rate", self.lr)
-        _require(self.momentum >= 0, "optim.momentum", "zero or more", self.momentum)
+        _require(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
         _require(not self.nesterov or self.momentum > 0, "optim.nesterov",
                  "true only with optim.momentum > 0", self.nesterov)
         _require(self.weight_decay >= 0, "optim.weight_decay", "zero or more", self.weight_decay)
@@ -115,19 +147,24 @@ class TrainConfig:
     progress: bool = True  # tqdm bar on rank 0
 
     def __post_init__(self):
-        _require(self.epochs >= 1, "train.epochs", "at least 1", self.epochs)
+        _require(1 <= self.epochs <= MAX_EPOCHS, "train.epochs", f"at least 1 (at most {MAX_EPOCHS})", self.epochs)
+        # The upper bound of train.batch_size is the training split, checked with data.train_limit (Config).
         _require(self.batch_size >= 1, "train.batch_size", "a positive global batch", self.batch_size)
-        _require(self.eval_batch_size >= 1, "train.eval_batch_size", "a positive batch", self.eval_batch_size)
-        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "null or at least 1",
-                 self.max_steps)
+        _require(1 <= self.eval_batch_size <= TRAIN_IMAGES, "train.eval_batch_size",
+                 f"a batch from 1 to {TRAIN_IMAGES} (the larger split)", self.eval_batch_size)
+        _require(self.max_steps is None or 1 <= self.max_steps <= MAX_STEPS, "train.max_steps",
+                 f"null or 1 to {MAX_STEPS:.0e}", self.max_steps)
         _require(self.precision in ("fp32", "bf16", "fp16", "fp64"), "train.precision",
                  "fp32, bf16, fp16 or fp64", self.precision)
         _require(self.device in ("auto", "cpu", "cuda"), "train.device", "auto, cpu or cuda", self.device)
-        _require(self.threads is None or self.threads >= 1, "train.threads", "null or at least 1", self.threads)
-        _require(self.log_every >= 1, "train.log_every", "at least 1", self.log_every)
-        _require(self.checkpoint_every >= 0, "train.checkpoint_every", "0 (epoch ends) or a step count",
-                 self.checkpoint_every)
-        _require(self.bucket_cap_mb > 0, "train.bucket_cap_mb", "a positive size in MiB", self.bucket_cap_mb)
+        _require(self.threads is None or 1 <= self.threads <= MAX_THREADS, "train.threads",
+                 f"null or 1 to {MAX_THREADS}", self.threads)
+        _require(1 <= self.log_every <= MAX_STEPS, "train.log_every", f"at least 1 (at most {MAX_STEPS:.0e})",
+                 self.log_every)
+        _require(0 <= self.checkpoint_every <= MAX_STEPS, "train.checkpoint_every",
+                 f"0 (epoch ends) or a step count up to {MAX_STEPS:.0e}", self.checkpoint_every)
+        _require(0 < self.bucket_cap_mb <= MAX_BUCKET_MB, "train.bucket_cap_mb",
+                 f"a positive size in MiB up to {MAX_BUCKET_MB:g}", self.bucket_cap_mb)
 
 
 @dataclass(frozen=True)
@@ -138,6 +175,11 @@ class TrackingConfig:
     system_metrics: bool = True  # MLflow's own CPU / memory / GPU sampling
     log_model: bool = True  # mlflow.pytorch.log_model at the end
     timeout_s: float = 10.0  # how long one tracking call may take before it is spooled
+
+    def __post_init__(self):
+        _require(bool(self.experiment.strip()), "tracking.experiment", "a non-empty name", self.experiment)
+        _require(0 < self.timeout_s <= MAX_TIMEOUT_S, "tracking.timeout_s",
+                 f"a positive number of seconds up to {MAX_TIMEOUT_S:g}", self.timeout_s)
 
 
 @dataclass(frozen=True)
@@ -159,13 +201,22 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
-        smallest = smallest_input_size(self.model.stem)
+        _require(0 <= self.seed < SEED_LIMIT, "seed", f"an integer from 0 to 2**{SEED_LIMIT.bit_length() - 1} - 1",
+                 self.seed)
+        smallest = smallest_input_size(self.model.stem, MAX_RESIZE)
         if self.data.resize < smallest:
             raise ConfigError(
                 f"data.resize={self.data.resize} is too small for the network: the smallest input "
                 f"that reaches the last block with model.stem_kernel={self.model.stem_kernel}, "
                 f"model.stem_stride={self.model.stem_stride}, model.stem_padding="
                 f"{self.model.stem_padding} is {smallest}")
+        images = self.data.train_limit or TRAIN_IMAGES
+        if self.train.batch_size > images:
+            where = f"data.train_limit={images}" if self.data.train_limit else "the training split"
+            raise ConfigError(f"train.batch_size={self.train.batch_size} is larger than the {images} training "
+                              f"images ({where}); it is the global batch")
+        _require(self.optim.warmup_epochs <= self.train.epochs, "optim.warmup_epochs",
+                 f"at most train.epochs={self.train.epochs} (the warmup is part of the run)", self.optim.warmup_epochs)
 
 
 # --------------------------------------------------------------------------- building and parsing
@@ -207,26 +258,43 @@ def _convert(key: str, value: Any, tp) -> Any:
                 return int(value.strip().replace("_", ""))
             except ValueError:
                 pass
-    elif base is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+    elif base is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:  # not a number: the wrong type (below)
+            number = None
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
+        if number is not None:
+            _require(math.isfinite(number), key, "a finite number", value)
+            return number
     elif base is str:
-        if isinstance(value, str):
-            return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
+            value = str(value)
+        if isinstance(value, str):
+            return _check_text(key, value)
+    raise ConfigError(f"{key}={_show.repr(value)} has the wrong type: expected {_type_name(tp)}")
+
+
+def _check_text(key: str, value: str) -> str:
+    """A string field's value, if paths, URIs and names can hold it (no NUL, encodable for the OS)."""
+    try:
+        ok = "\0" not in value and value.encode("utf-8", "surrogateescape") is not None
+    except UnicodeEncodeError:
+        ok = False
+    _require(ok, key, "text without NUL characters or unpaired surrogates", value)
+    return value
+
+
+def _name(text: str) -> str:
+    """A key or path as typed when it prints on one line, else its (shortened) repr."""
+    return text if text.isprintable() and len(text) <= 100 else _show.repr(text)
 
 
 def _unknown_key(key: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
-    return ConfigError(f"unknown config key {key}{hint}")
+    return ConfigError(f"unknown config key {_name(key)}{hint}")
 
 
 def all_keys(cls=None, prefix: str = "") -> list[str]:
@@ -241,9 +309,13 @@ def all_keys(cls=None, prefix: str = "") -> list[str]:
     return keys
 
 
-def _build(cls, values: dict[str, Any], prefix: str = ""):
+def _build(cls, values: dict, prefix: str = ""):
     types_ = _field_types(cls)
     for name in values:
+        if not isinstance(name, str):
+            where = f" in section {prefix[:-1]}" if prefix else ""
+            raise ConfigError(f"config key {_show.repr(name)}{where} is not a name ({type(name).__name__}): "
+                              f"keys are names such as train or epochs")
         if name not in types_:
             raise _unknown_key(prefix + name, all_keys())
     kwargs = {}
@@ -251,9 +323,10 @@ def _build(cls, values: dict[str, Any], prefix: str = ""):
         if name not in values:
             continue
         if dataclasses.is_dataclass(tp):
-            section = values[name]
+            section = {} if values[name] is None else values[name]  # None: `train:`, every key commented out
             if not isinstance(section, dict):
-                raise ConfigError(f"{prefix}{name} must be a mapping of keys, got {section!r}")
+                raise ConfigError(f"{prefix}{name} must be a mapping of keys, not {type(section).__name__} "
+                                  f"{_show.repr(section)}")
             kwargs[name] = _build(tp, section, f"{prefix}{name}.")
         else:
             kwargs[name] = _convert(prefix + name, values[name], tp)
@@ -267,29 +340,50 @@ def _set_dotted(tree: dict, key: str, raw: str) -> None:
     node = tree
     *parents, leaf = key.split(".")
     for part in parents:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"{key}: {part} is not a section")
     node[leaf] = raw
 
 
+def _read_yaml(path: str | Path) -> dict:
+    """The mapping a `--config` file holds, or ConfigError naming the file and what is wrong with it."""
+    path = Path(path)
+    where = f"--config {_name(str(path))}"
+    if path.is_dir():
+        raise ConfigError(f"{where}: is a folder, not a YAML file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL in the path
+        raise ConfigError(f"{where}: cannot read it ({getattr(err, 'strerror', None) or first_line(err)})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML ({first_line(err)})") from None
+    except (ValueError, OverflowError, RecursionError) as err:  # e.g. a date 2020-13-01, a 5000-digit int
+        raise ConfigError(f"{where}: YAML holds a value that cannot be read ({first_line(err)})") from None
+    tree = {} if tree is None else tree  # an empty file, or comments only
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys at the top level, not "
+                          f"{type(tree).__name__} {_show.repr(tree)}")
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults <- YAML file <- `key=value` overrides; validated before returning."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"--config {path}: expected a mapping of config keys at the top level")
+    tree = _read_yaml(path) if path is not None else {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=2)")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {_show.repr(item)} is not key=value (e.g. train.epochs=2)")
         _set_dotted(tree, key.strip(), raw)
     try:
         return _build(Config, tree)

@@ -222,7 +222,7 @@ def to_inputs(images: torch.Tensor, cfg: DataConfig, flip: torch.Tensor | None =
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Generator:
     """The generator of one epoch's permutation: a function of (seed, epoch) only, same on every rank."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)  # torch takes seeds < 2**64
 
 
 class TrainBatches:

@@ -27,6 +27,10 @@ class CheckpointError(UserError):
     """A checkpoint that does not belong to this run's config."""
 
 
+class RunDirError(UserError):
+    """`run.out_dir` cannot be made or written, or another job holds it."""
+
+
 class DivergedError(UserError):
     """The training loss, the parameters or the optimizer state became NaN or infinite."""
 

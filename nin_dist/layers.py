@@ -127,7 +127,7 @@ def _apply_opaque(x, weight, bias, mean, var, eps):
 
 def dropout_seed(seed: int, step: int) -> int:
     """The dropout mask's seed for one step: its own stream, apart from the data order's (seed, epoch)."""
-    return (seed + 1) * 0x9E3779B1 + 7919 * step + 1
+    return ((seed + 1) * 0x9E3779B1 + 7919 * step + 1) % 2**64  # torch takes seeds < 2**64
 
 
 class GlobalBatchDropout(nn.Dropout):

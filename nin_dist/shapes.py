@@ -1,4 +1,5 @@
-"""The network's arithmetic, from the config's numbers alone: feature sizes, smallest input, FLOPs.
+"""The network's arithmetic, from the config's numbers alone: feature sizes, smallest input,
+parameters, FLOPs.
 
 Standard library only, so `nin_dist.config` can check a resize against the network without
 importing torch. `nin_dist.model` builds the layers these numbers describe, and
@@ -45,6 +46,18 @@ def smallest_input_size(stem: Stem, limit: int = 4096) -> int:
         if feature_sizes(stem, size) is not None:
             return size
     raise ConfigError(f"model.stem_*: no input up to {limit} pixels fits this stem")
+
+
+def parameter_count(width: float, stem_kernel: int, batchnorm: bool = False) -> int:
+    """Weights and biases of the network (BatchNorm's scale and shift included, not its running stats)."""
+    widths = (*block_widths(width), NUM_CLASSES)
+    in_channels = (1, *widths[:3])
+    kernels = (stem_kernel, *LATER_KERNELS)
+    total = 0
+    for cin, cout, k in zip(in_channels, widths, kernels, strict=True):
+        total += cout * (cin * k * k + 1) + 2 * cout * (cout + 1)  # k x k conv + two 1x1 convs
+        total += 2 * cout if batchnorm else 0
+    return total
 
 
 def flops_per_image(width: float, stem: Stem, size: int) -> float:

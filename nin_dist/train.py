@@ -3,7 +3,7 @@
     nin-train --config configs/cpu.yaml                                  # a world of one
     torchrun --standalone --nproc_per_node=2 -m nin_dist.train --config configs/cpu.yaml
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 \\
-        -m nin_dist.train --config configs/d2l.yaml                      # on each node
+        --rdzv-id=JOB -m nin_dist.train --config configs/d2l.yaml        # on each node
     nin-train --sync-tracking runs/NAME                                  # replay unsent MLflow data
 
 Overrides are dotted `key=value` pairs after the options (`train.epochs=2 data.root=DIR`).
@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from nin_dist import checkpoint as ckpt
 from nin_dist import distributed
-from nin_dist.config import Config, config_hash, dump_yaml, load_config, model_relevant
+from nin_dist.config import Config, config_hash, load_config, model_relevant
 from nin_dist.data import TrainBatches, load_datasets, to_inputs
 from nin_dist.distributed import DistInfo
 from nin_dist.errors import CheckpointError, ConfigError, DivergedError, UserError, first_line, report
@@ -45,7 +45,7 @@ from nin_dist.model import build_model
 from nin_dist.optim import apply_hyperparameters, build_optimizer, build_scheduler, state_is_finite
 from nin_dist.perf import mfu
 from nin_dist.precision import autocast, check_device, memory_format, param_dtype, prepare
-from nin_dist.run_dir import make_run_dir, resolve_run
+from nin_dist.run_dir import RunDir, open_run_dir, resolve_run
 from nin_dist.tracking import make_tracker, sync
 
 log = logging.getLogger("nin_dist.train")
@@ -78,10 +78,9 @@ def accumulate(sums: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor, lab
 class Trainer:
     """Everything one rank trains with, and its position: `epoch`, `epoch_step` (steps done in it), `step`."""
 
-    def __init__(self, cfg: Config, info: DistInfo):
-        self.cfg, self.info = cfg, info
+    def __init__(self, cfg: Config, info: DistInfo, run_dir: RunDir):
+        self.cfg, self.info, self.run_dir = cfg, info, run_dir  # run_dir: made and locked already
         self.started = time.perf_counter()
-        self.run_dir = make_run_dir(Path(cfg.run.out_dir), info)
         torch.manual_seed(cfg.seed)
         self.train_split, self.test_split = (s.to(info.device) for s in load_datasets(cfg.data))
         self.batches = TrainBatches(self.train_split, cfg.data, cfg.train.batch_size, info.rank, info.world_size,
@@ -114,15 +113,15 @@ class Trainer:
     def _restore(self, state: dict) -> None:
         """Model, optimizer, scaler, RNG and position from a checkpoint; the config keeps its hyperparameters."""
         path = self.checkpointer.path
-        try:
+        try:  # the keys and their types are checked (ckpt.check_state); what they hold is checked here
             self.raw_model.load_state_dict(state[ckpt.MODEL])
             self.opt.load_state_dict(state[ckpt.OPTIMIZER])
-        except (RuntimeError, ValueError, KeyError) as err:  # a different architecture, e.g. model.width
+            self.scaler.load_state_dict(state[ckpt.SCALER])
+            ckpt.set_rng_state(state[ckpt.RNG])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:  # e.g. another model.width
             raise CheckpointError(f"{path} does not fit this model ({first_line(err)}); use another run.out_dir "
                                   f"or run.resume=false") from None
         apply_hyperparameters(self.opt, self.cfg.optim)
-        self.scaler.load_state_dict(state[ckpt.SCALER])
-        ckpt.set_rng_state(state[ckpt.RNG])
         self.epoch, self.epoch_step, self.step = state[ckpt.EPOCH], state[ckpt.EPOCH_STEP], state[ckpt.STEP]
         self.history = list(state.get(ckpt.HISTORY, []))
         log.info("resuming from %s at epoch %d, step %d", path, self.epoch + 1, self.step)
@@ -131,8 +130,7 @@ class Trainer:
         """Train to the end (or train.max_steps), evaluating and checkpointing at every epoch's end;
         returns the final metrics (also written to metrics.json)."""
         cfg, info, batches = self.cfg, self.info, self.batches
-        self.run_dir.create()  # before the first step: the run's config, and for a new run its datasets
-        self.tracker.log_artifact_file(self.run_dir.write_text("config.yaml", dump_yaml(cfg)))
+        self.tracker.log_artifact_file(self.run_dir.write_config(cfg))  # before the first step
         if not self.resumed:
             self.tracker.log_datasets(self.train_split, self.test_split)
         max_steps = cfg.train.max_steps or math.inf
@@ -234,18 +232,19 @@ class Trainer:
 
 
 def fit(cfg: Config, info: DistInfo) -> dict:
-    """Build everything, train, evaluate each epoch, write metrics.json; returns the final metrics."""
-    trainer = Trainer(cfg, info)
-    status = "FAILED"
-    try:
-        metrics = trainer.fit()
-        status = "FINISHED"
-        return metrics
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM from torchrun (see main)
-        status = "KILLED"
-        raise
-    finally:
-        trainer.tracker.close(status)
+    """Lock the run folder, build everything, train, evaluate each epoch, write metrics.json;
+    returns the final metrics."""
+    with open_run_dir(Path(cfg.run.out_dir), info) as run_dir:
+        trainer, status = Trainer(cfg, info, run_dir), "FAILED"
+        try:
+            metrics = trainer.fit()
+            status = "FINISHED"
+            return metrics
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM from torchrun (see main)
+            status = "KILLED"
+            raise
+        finally:
+            trainer.tracker.close(status)
 
 
 def check_world(cfg: Config, info: DistInfo) -> None:

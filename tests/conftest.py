@@ -1,10 +1,24 @@
-"""Shared fixtures: the real Fashion-MNIST root and a per-test seed."""
+"""Shared fixtures: the real Fashion-MNIST root, a per-test seed, and a checkout the suite leaves as it was."""
 
 import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# Made by installing and running the tools, not by the tests: left out of the check below.
+_TOOL_FOLDERS = (".venv", ".pytest_cache", ".ruff_cache")
+
+
+def _made_by_tools(path: str) -> bool:
+    parts = path.split("/")
+    return parts[0] in _TOOL_FOLDERS or "__pycache__" in parts or any(p.endswith(".egg-info") for p in parts)
+
+# Hypothesis keeps caches in ./.hypothesis unless told otherwise; keep them out of the checkout.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(tempfile.gettempdir()) / "nin-dist-hypothesis"))
 
 # Triton reads TRITON_INTERPRET when it is first imported; without CUDA the kernels run on the CPU
 # interpreter, so set it before any test module can import triton.
@@ -22,3 +36,46 @@ def data_root() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _new_files(repo: Path) -> dict[str, tuple[int, int]] | None:
+    """Untracked and ignored files of the checkout with (size, mtime), or None outside a git checkout."""
+    excludes = [f":(exclude){folder}" for folder in _TOOL_FOLDERS]  # not listed at all: .venv is large
+    try:
+        top = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=60)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != repo.resolve():
+            return None
+        out = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "-z", "--ignored", "-uall",
+                              "--", ".", *excludes], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    files = {}
+    for entry in out.stdout.split("\0"):
+        if entry[:3] in ("?? ", "!! ") and not _made_by_tools(entry[3:]):
+            path = repo / entry[3:]
+            try:
+                stat = path.lstat()
+                files[entry[3:]] = (stat.st_size, stat.st_mtime_ns)
+            except OSError:  # removed since git listed it
+                continue
+    return files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_left_as_it_was():
+    """Fail the session if the tests wrote files into the checkout (e.g. ./mlruns, ./runs, ./mlflow.db)."""
+    before = _new_files(REPO)
+    yield
+    if before is None:
+        return  # not a git checkout (an unpacked sdist): nothing to compare with
+    after = _new_files(REPO) or {}
+    added = sorted(set(after) - set(before))
+    changed = sorted(path for path in set(after) & set(before) if after[path] != before[path])
+    if added or changed:
+        shown = [f"new: {path}" for path in added[:20]] + [f"changed: {path}" for path in changed[:20]]
+        more = len(added) + len(changed) - len(shown)
+        pytest.fail("the test suite left files in the checkout (write them under tmp_path instead):\n  "
+                    + "\n  ".join(shown) + (f"\n  ... and {more} more" if more > 0 else ""), pytrace=False)

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,8 +76,9 @@ def train_in_process(args: list[str]) -> int:
 
 
 def start(cmd: list[str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=kwargs.pop("env", None) or env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
+    return subprocess.Popen(cmd, cwd=kwargs.pop("cwd", REPO), env=kwargs.pop("env", None) or env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            **kwargs)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
@@ -152,3 +154,26 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     unequal = [k for k in a if not torch.equal(a[k], b[k])]
     assert not unequal, f"tensors differ: {unequal}; max rel diff {max_rel_diff(a, b)}"
+
+
+# Takes a run folder's lock the way rank 0 does, says so, and holds it until its stdin closes.
+_HOLDER = """
+import sys
+from nin_dist.run_dir import RunDir
+RunDir(sys.argv[1]).open()
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def holding(folder: Path, **extra_env: str) -> Iterator[subprocess.Popen]:
+    """Another process holding `folder` as a running job's rank 0 does, until the block ends."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder)], cwd=REPO, env=env(**extra_env),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "holding", "the holder could not lock the folder"
+        yield proc
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)

@@ -1,15 +1,32 @@
 """Config: YAML + dotted overrides, typed conversion, and one-line errors (exit 2) before any work."""
 
+import os
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
-from nin_dist.config import Config, all_keys, config_hash, flatten, load_config
+from nin_dist.config import (
+    MAX_EPOCHS,
+    MAX_STEPS,
+    SEED_LIMIT,
+    TEST_IMAGES,
+    TRAIN_IMAGES,
+    Config,
+    ModelConfig,
+    all_keys,
+    config_hash,
+    flatten,
+    load_config,
+)
 from nin_dist.errors import ConfigError
+from nin_dist.shapes import parameter_count
 from nin_dist.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_CONFIGS = ("configs/d2l.yaml", "configs/cpu.yaml", "configs/fast.yaml")
+FLOAT_KEYS = [key for key, value in flatten(Config()).items() if isinstance(value, float)]
 
 
 @pytest.mark.parametrize("path", REPO_CONFIGS)
@@ -70,6 +87,12 @@ def test_flatten_covers_every_key_and_hash_ignores_bookkeeping():
     assert config_hash(cfg) != config_hash(load_config(None, ["optim.lr=0.2"]))
 
 
+def _error_lines(stderr: str) -> list[str]:
+    """The `nin-train: error:` lines (torch's own warnings may share stderr); no traceback allowed."""
+    assert "Traceback" not in stderr, stderr
+    return [line for line in stderr.splitlines() if line.startswith("nin-train: error: ")]
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.epoch=3", "unknown config key train.epoch; did you mean train.epochs?"),
     ("train.epochs=three", "train.epochs='three' has the wrong type: expected int"),
@@ -78,7 +101,162 @@ def test_flatten_covers_every_key_and_hash_ignores_bookkeeping():
 def test_cli_config_errors_exit_2_with_one_line_before_reading_data(override, message, capsys, tmp_path):
     # data.root points nowhere: a data error would show if the config were not checked first.
     code = main(["--config", str(REPO / "configs/d2l.yaml"), override, f"data.root={tmp_path / 'nowhere'}",
-                 "tracking.enabled=false"])
-    err = capsys.readouterr().err.strip()
+                 "tracking.enabled=false", f"run.out_dir={tmp_path / 'run'}"])
+    err = _error_lines(capsys.readouterr().err)
     assert code == 2
-    assert len(err.splitlines()) == 1 and message in err and "Fashion-MNIST" not in err
+    assert len(err) == 1 and message in err[0] and "Fashion-MNIST" not in err[0]
+
+
+# --------------------------------------------------------------------------- hostile input
+
+def _big_int_text() -> str:
+    return "1" + "0" * 5000
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"1: 2\n", "config key 1 is not a name (int)"),
+    (b"train: {3: 4}\n", "config key 3 in section train is not a name (int)"),
+    (b"~: 1\n", "config key None is not a name (NoneType)"),
+    (b"\xff\xfe\x00t\x00r", "not UTF-8 text (byte 0xff at offset 0)"),
+    (b"seed: \xe9\n", "not UTF-8 text (byte 0xe9 at offset 6)"),
+    (b"- 1\n- 2\n", "expected a mapping of config keys at the top level, not list [1, 2]"),
+    (b"42\n", "expected a mapping of config keys at the top level, not int 42"),
+    (b"train: [1, 2]\n", "train must be a mapping of keys, not list [1, 2]"),
+    (b"model: 0.5\n", "model must be a mapping of keys, not float 0.5"),
+    (b"train: {epochs: [1]}\n", "train.epochs=[1] has the wrong type: expected int"),
+    (b"seed: 2020-13-01\n", "YAML holds a value that cannot be read (month must be in 1..12)"),
+    (b"seed: " + _big_int_text().encode() + b"\n", "YAML holds a value that cannot be read"),
+    (b"model: {width: 1" + b"0" * 400 + b"}\n", "is not allowed: a finite number"),
+    (b"a: &a [*a]\nseed: *a\n", "unknown config key a"),
+    (b"seed: [[[[[[[[[[1]]]]]]]]]]\n", "seed=[[[...]]] has the wrong type"),
+    (b"data: {root: \"a\\0b\"}\n", "data.root='a\\x00b' is not allowed: text without NUL"),
+    (b"train: {epochs: 2\n", "not valid YAML"),
+])
+def test_bad_yaml_is_one_config_error(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_empty_yaml_and_empty_sections_are_the_defaults(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing set\n")
+    (tmp_path / "sections.yaml").write_text("train:\nmodel:\n")
+    assert load_config(tmp_path / "empty.yaml") == load_config(tmp_path / "sections.yaml") == Config()
+    assert load_config(tmp_path / "sections.yaml", ["train.epochs=2"]).train.epochs == 2
+
+
+def _under_a_file(tmp_path: Path) -> Path:
+    (tmp_path / "file").write_text("")
+    return tmp_path / "file" / "c.yaml"
+
+
+def _unreadable(tmp_path: Path) -> Path:
+    if os.geteuid() == 0:
+        pytest.skip("root reads a file without read permission")
+    path = tmp_path / "secret.yaml"
+    path.write_text("seed: 1\n")
+    path.chmod(0)
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp, "is a folder, not a YAML file"),
+    (lambda tmp: tmp / "missing.yaml", "no such file"),
+    (_under_a_file, "cannot read it (Not a directory)"),
+    (_unreadable, "cannot read it (Permission denied)"),
+])
+def test_unreadable_config_path_is_one_config_error(tmp_path, make, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(make(tmp_path))
+
+
+@pytest.mark.parametrize("override, allowed", [
+    *[(f"{key}={value}", "a finite number") for key in FLOAT_KEYS for value in ("inf", "-inf", "nan", "1e400")],
+    ("model.width=1e9", "a positive multiplier up to 16"),
+    ("model.width=0", "a positive multiplier"),
+    ("data.resize=100000", "1 to 2048 pixels"),
+    (f"seed={10**20}", "an integer from 0 to 2**63 - 1"),
+    (f"seed={2**63}", "an integer from 0 to 2**63 - 1"),
+    ("seed=-1", "an integer from 0 to 2**63 - 1"),
+    ("tracking.timeout_s=0", "a positive number of seconds up to 3600"),
+    ("tracking.timeout_s=-1", "a positive number of seconds up to 3600"),
+    ("tracking.timeout_s=86400", "a positive number of seconds up to 3600"),
+    ("tracking.experiment=", "a non-empty name"),
+    (f"train.epochs={10**30}", "at least 1 (at most 1000000)"),
+    (f"train.max_steps={10**13}", "null or 1 to 1e+12"),
+    (f"train.log_every={10**13}", "at most 1e+12"),
+    (f"train.checkpoint_every={10**13}", "up to 1e+12"),
+    (f"train.eval_batch_size={10**30}", "a batch from 1 to 60000"),
+    (f"train.threads={2**31}", "null or 1 to 1024"),
+    ("train.bucket_cap_mb=1e300", "a positive size in MiB up to 65536"),
+    (f"data.train_limit={10**30}", "null or a count from 1 to 60000"),
+    ("data.test_limit=10001", "null or a count from 1 to 10000"),
+    ("model.stem_kernel=100000", "a kernel size from 1 to 2048"),
+    ("model.stem_stride=100000", "a stride from 1 to 2048"),
+    ("model.stem_padding=11", "0 to model.stem_kernel - 1 = 10 pixels"),
+    ("optim.momentum=1", "in [0, 1)"),
+    ("optim.warmup_epochs=11", "at most train.epochs=10"),
+])
+def test_every_value_is_range_checked(override, allowed):
+    with pytest.raises(ConfigError, match=re.escape(allowed)) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(override.partition("=")[0] + "=")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.batch_size=60001"], "train.batch_size=60001 is larger than the 60000 training images"),
+    (["data.train_limit=100", "train.batch_size=128"],
+     "train.batch_size=128 is larger than the 100 training images (data.train_limit=100)"),
+    (["model.width=16", "model.stem_kernel=1024", "model.stem_padding=0", "data.resize=2048"],
+     "model.width=16.0 is not allowed: a network of at most 1e+09 parameters"),
+    (["model.stem_kernel=2048", "model.stem_stride=2048"], "no input up to 2048 pixels fits this stem"),
+])
+def test_cross_field_bounds(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_largest_values_allowed_load():
+    cfg = load_config(None, [f"seed={SEED_LIMIT - 1}", "model.width=16", "data.resize=2048", "train.epochs=1000000",
+                             "train.batch_size=60000", "train.threads=1024", "tracking.timeout_s=3600",
+                             "optim.warmup_epochs=1000000", f"train.max_steps={MAX_STEPS}"])
+    assert cfg.seed == SEED_LIMIT - 1 and cfg.model.width == 16.0
+
+
+def test_seed_bound_fits_torch_generators():
+    # The largest seed, epoch and step the config allows still give seeds torch accepts.
+    from nin_dist.data import epoch_order
+    from nin_dist.layers import dropout_seed
+
+    epoch_order(10, SEED_LIMIT - 1, MAX_EPOCHS)
+    torch.Generator().manual_seed(dropout_seed(SEED_LIMIT - 1, MAX_STEPS))
+
+
+def test_split_sizes_and_parameter_count_match_the_real_ones():
+    from nin_dist.data import FILES
+    from nin_dist.model import NiN
+
+    assert (FILES[("train", "labels")].count, FILES[("test", "labels")].count) == (TRAIN_IMAGES, TEST_IMAGES)
+    for model in (ModelConfig(), ModelConfig(width=0.3, batchnorm=True, stem_kernel=5, stem_stride=1, stem_padding=2)):
+        expected = sum(p.numel() for p in NiN(model).parameters())
+        assert parameter_count(model.width, model.stem_kernel, model.batchnorm) == expected
+
+
+@pytest.mark.parametrize("yaml_text, override", [
+    ("1: 2\n", None),
+    ("train: {3: 4}\n", None),
+    (None, "model.width=inf"),
+    (None, f"seed={10**20}"),
+    (None, "optim.warmup_epochs=inf"),
+    (None, "tracking.timeout_s=nan"),
+])
+def test_cli_hostile_input_exits_2_with_one_line(tmp_path, capsys, yaml_text, override):
+    argv = [f"data.root={tmp_path / 'nowhere'}", "tracking.enabled=false", f"run.out_dir={tmp_path / 'run'}"]
+    if yaml_text is not None:
+        (tmp_path / "c.yaml").write_text(yaml_text)
+        argv = ["--config", str(tmp_path / "c.yaml"), *argv]
+    code = main(argv + ([override] if override else []))
+    err = _error_lines(capsys.readouterr().err)
+    assert code == 2 and len(err) == 1 and "Fashion-MNIST" not in err[0]

@@ -30,6 +30,7 @@ from helpers import (
     env,
     finish,
     free_port,
+    holding,
     last_checkpoint,
     local_rank,
     max_rel_diff,
@@ -145,6 +146,22 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_the_result_is_unchanged(refe
     assert _metrics(out)["test_acc"] == _metrics(reference["out"])["test_acc"]
 
 
+def test_a_second_job_on_a_held_folder_exits_2_on_every_rank(tmp_path):
+    out = tmp_path / "run"
+    tiny = overrides(out, data__train_limit=64, data__test_limit=100, train__batch_size=16, train__max_steps=1)
+    with holding(out) as holder:
+        started = time.monotonic()
+        rc, text = standalone(2, tiny, extra=["--tee=3"], timeout=120)
+        seconds = time.monotonic() - started
+    assert rc != 0 and ":Traceback" not in text, text[-3000:]  # no worker printed a traceback
+    for rank in (0, 1):  # rank 0 found the holder, rank 1 learned it from rank 0
+        assert (f"[default{rank}]:nin-train: error: run.out_dir={out} is in use by another job "
+                f"(pid {holder.pid} on host ") in text, text[-3000:]
+    root_cause = re.search(r"Root Cause.*?exitcode\s+: (\S+)", text, re.S)
+    assert root_cause and root_cause.group(1) == "2", text[-3000:]
+    assert not (out / "config.yaml").exists() and seconds < 90, seconds
+
+
 def test_three_processes_evaluate_every_test_image_once(tmp_path):
     """3 ranks: one step equals one process's, and the 10,000 test images are counted once.
 
@@ -189,7 +206,8 @@ def test_a_config_error_under_torchrun_exits_2_on_every_rank(tmp_path):
     rc1, text1 = run([sys.executable, "-m", "nin_dist.train", "--config", "configs/cpu.yaml", "train.epochs=0"],
                      env=env(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                              MASTER_PORT=str(free_port())), timeout=60)
-    assert rc1 == 2 and text1.strip() == "nin-train: error: train.epochs=0 is not allowed: at least 1", text1
+    assert rc1 == 2 and len(text1.strip().splitlines()) == 1, text1
+    assert text1.startswith("nin-train: error: train.epochs=0 is not allowed: at least 1"), text1
 
 
 def test_cross_rank_batchnorm_in_a_world_of_one_is_batchnorm():

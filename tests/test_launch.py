@@ -110,3 +110,37 @@ def test_slurm_script_rendezvous_on_the_first_node(tmp_path):
     for flag in ("--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu-node-07:29400", "--rdzv-id=4242"):
         assert flag in words, text
     assert words[-4:] == ["nin_dist.train", "--config", "configs/d2l.yaml", "train.epochs=1"]
+
+
+def _multinode(tmp_path, **variables) -> tuple[int, str]:
+    """launch/multinode.sh with a stand-in torchrun that prints the command it was given."""
+    _stub(tmp_path, "torchrun", 'echo "torchrun $*"')
+    node_env = {k: v for k, v in env(**variables).items() if k not in ("RDZV_ID", "RDZV_ENDPOINT", "NNODES")}
+    node_env.update(variables, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    return run(["bash", str(LAUNCH / "multinode.sh"), "--config", "configs/d2l.yaml"], env=node_env, timeout=30)
+
+
+def test_multinode_needs_one_rdzv_id_per_job_with_more_than_one_node(tmp_path):
+    rc, text = _multinode(tmp_path, NNODES="2", NPROC_PER_NODE="1")
+    assert rc == 2 and text.startswith("multinode.sh: error: set RDZV_ID to one id for this job, the same on every "
+                                       "node"), text
+    assert len(text.strip().splitlines()) == 1 and "torchrun" not in text
+    rc, text = _multinode(tmp_path, NNODES="2", NPROC_PER_NODE="1", RDZV_ID="nin-42")
+    assert rc == 0 and "--rdzv-id=nin-42" in text.split(), text
+    # The rendezvous defaults to loopback: nothing listens for other machines unless asked to.
+    assert "--rdzv-endpoint=127.0.0.1:29400" in text.split(), text
+
+
+def test_multinode_on_one_node_makes_an_id_of_its_own_for_each_job(tmp_path):
+    ids = set()
+    for _ in range(2):
+        rc, text = _multinode(tmp_path, NNODES="1", NPROC_PER_NODE="1")
+        assert rc == 0, text
+        ids |= {word for word in text.split() if word.startswith("--rdzv-id=nin-")}
+    assert len(ids) == 2, ids
+
+
+def test_servers_default_to_loopback():
+    assert "HOST=${HOST:-127.0.0.1}" in (LAUNCH / "mlflow-server.sh").read_text()
+    assert "RDZV_ENDPOINT=${RDZV_ENDPOINT:-127.0.0.1:" in (LAUNCH / "multinode.sh").read_text()
+    assert "--standalone" in (LAUNCH / "local.sh").read_text()  # torchrun's own rendezvous on localhost

@@ -15,7 +15,16 @@ import time
 
 import pytest
 import torch
-from helpers import assert_bit_identical, data_dir, last_checkpoint, max_rel_diff, overrides, run, train_in_process
+from helpers import (
+    assert_bit_identical,
+    data_dir,
+    env,
+    last_checkpoint,
+    max_rel_diff,
+    overrides,
+    run,
+    train_in_process,
+)
 
 from nin_dist import checkpoint as ckpt
 from nin_dist.model import NiN
@@ -192,10 +201,10 @@ def test_a_missing_config_file_exits_2(capsys):
 
 
 def test_other_failures_exit_1_with_a_traceback(tmp_path):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("run.out_dir cannot be made under a file\n")
-    rc, out = run([sys.executable, "-m", "nin_dist.train",
-                   *overrides(blocker / "run", **TINY, train__max_steps=1)], timeout=120)
+    # A launcher that sets RANK to something that is not a number: not the user's config, data or
+    # arguments, so the real traceback is shown.
+    rc, out = run([sys.executable, "-m", "nin_dist.train", *overrides(tmp_path / "run", **TINY, train__max_steps=1)],
+                  env=env(RANK="zero", WORLD_SIZE="1"), timeout=120)
     assert rc == 1, out
     assert "Traceback (most recent call last)" in out and "nin-train: error" not in out
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nin_dist.bench import data, kernels, scaling, train, tta
+from nin_dist.bench import data, gpu, kernels, scaling, train, tta
 from nin_dist.errors import UserError, report
 from nin_dist.logs import init_logging
 
-BENCHMARKS = {"data": data, "kernels": kernels, "train": train, "scaling": scaling, "tta": tta}
+BENCHMARKS = {"data": data, "kernels": kernels, "train": train, "scaling": scaling, "tta": tta, "gpu": gpu}
 
 
 def main(argv: list[str] | None = None) -> int:

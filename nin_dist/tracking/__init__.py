@@ -9,17 +9,21 @@ backend, device, kernel, torch / triton / mlflow versions (and the trainer's); m
 namespace and unit (`train/loss`, `perf/img_per_s`) at the global optimizer step; MLflow's own
 system metrics (`system/...`); the two splits as dataset inputs (contexts training / testing); the
 artifacts (`config.yaml`, `metrics.json`, and `predictions/` with the confusion matrix, per-class
-accuracy and misclassified images); the model at the end (`mlflow.pytorch`, named "model").
+accuracy and misclassified images); the model at the end (`mlflow.pytorch`, named "model", a
+LoggedModel: `mlflow.pytorch.load_model("models:/<model_id>")`).
 
 The modules, one job each:
 
 - `tracker`: `MLflowTracker`, rank 0's run from start to close;
 - `run`: creating or resuming the run, with its params and tags;
-- `records`: sending one record (metrics, datasets, artifact, model, end) to MLflow;
+- `records`: what a record is (metrics, datasets, artifact, model, end), which are fit to send,
+  and sending one to MLflow;
 - `sender`: the background thread that sends records in call order, or keeps them;
-- `spool`: records kept in the run folder, and their replay (`sync`);
+- `saved_model`: the model saved into the spool, and logged from its files (never loaded);
+- `spool`: records kept in the run folder, read as untrusted input, and their replay;
+- `replay`: `nin-train --sync-tracking RUN_DIR`, the replay of a run folder's spool (`sync`);
 - `store`: where the store is, whether it answers, how long one HTTP request may take;
-- `redaction`: secrets and URI passwords kept out of everything sent;
+- `redaction`: secrets and URI passwords kept out of everything sent and every error logged;
 - `mlflow_internals`: the MLflow internals used, and why the public API does not do the job;
 - `report`: the test-set report (confusion matrix, per-class accuracy, misclassified images).
 
@@ -60,6 +64,6 @@ def make_tracker(cfg, info, run_dir: Path, resume_run_id: str | None, tags: dict
 
 def sync(run_dir: Path) -> int:
     """`nin-train --sync-tracking RUN_DIR`: send what a run kept in RUN_DIR/tracking-spool/."""
-    from nin_dist.tracking.spool import sync as replay
+    from nin_dist.tracking.replay import sync as replay
 
     return replay(Path(run_dir))

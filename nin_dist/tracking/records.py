@@ -1,4 +1,4 @@
-"""Sending one tracking record to MLflow.
+"""Tracking records: what one is, which are fit to send, and sending one to MLflow.
 
 Every tracker call becomes a *record* first: a small JSON dict naming its run id, plus a file or
 folder staged in the spool (`nin_dist.tracking.spool`) for artifacts and the model. The kinds:
@@ -12,39 +12,115 @@ folder staged in the spool (`nin_dist.tracking.spool`) for artifacts and the mod
 `apply_record` sends one; the live sender and the replay of a spool both use it, so a replayed run
 gets exactly what a live one gets: metrics keep their step and original timestamp (MLflow ignores
 an exact duplicate, so resending a record that did get through changes nothing), artifacts keep
-their paths, the end status keeps its end time. `refused` tells a record the store rejected (never
-worth sending again) from one that failed on the way.
+their paths, the model is logged from its saved files (`nin_dist.tracking.saved_model`, never
+loaded), the end status keeps its end time.
+
+A spool may come from a run folder on shared storage, so a record is checked before anything is
+sent: `record_problem` (the fields of its kind, with their types) and `staged_path` (its `file`, as
+the spool names it, `files/<id>/...`, must lie inside the spool's `files/` folder once every
+symlink is resolved, and hold plain files and folders only). A record that fails raises
+`BadRecord`: it is never worth sending as it is. `refused` tells a record the store rejected
+(neither worth sending again) from one that failed on the way.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import os
+import stat
+from pathlib import Path, PurePosixPath
+
+from nin_dist.errors import first_line
+from nin_dist.tracking.saved_model import log_saved_model, read_saved_model
+from nin_dist.tracking.store import MAX_BATCH_METRICS
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit
+FILES = "files"  # the spool's folder of staged files: every record's file lies below it
+_NONE = type(None)
+FIELDS = {  # kind -> its fields (besides "kind" and "run_id") and their JSON types
+    "metrics": {"step": int, "timestamp": int, "metrics": dict},
+    "inputs": {"datasets": list},
+    "artifact": {"file": str, "artifact_path": (str, _NONE)},
+    "model": {"file": str, "name": str, "step": int},
+    "terminate": {"status": str, "end_time": int},
+}
+DATASET_FIELDS = {"name": str, "digest": str, "source_type": str, "source": str, "schema": (str, _NONE),
+                  "profile": (str, _NONE)}  # MLflow's Dataset
+INT64 = 1 << 63  # steps and times are 64-bit in MLflow's stores
 
 
-def model_requirements() -> list[str]:
-    """Pinned pip requirements of the logged model (given, so MLflow does not probe imports)."""
-    import mlflow.pytorch
-
-    return mlflow.pytorch.get_default_pip_requirements()
+class BadRecord(ValueError):
+    """A record that cannot be sent as it is: malformed, or naming a file outside the spool."""
 
 
-def log_saved_model(run_id: str, folder: Path, name: str, step: int) -> None:
-    """Log a model saved with `mlflow.pytorch.save_model` as the run's model (an MLflow LoggedModel)."""
-    import mlflow
-    import mlflow.pytorch
-    from mlflow.models import Model
+def _fits(value, types) -> bool:
+    if isinstance(value, bool):  # a JSON true is no step, time or metric value
+        return False
+    if isinstance(value, int) and int in (types if isinstance(types, tuple) else (types,)):
+        return -INT64 <= value < INT64
+    return isinstance(value, types)
 
-    # The LoggedModel goes into the experiment MLflow considers active: make that the run's.
-    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
-    saved = Model.load(str(folder))
-    mlflow.pytorch.log_model(mlflow.pytorch.load_model(str(folder)), name=name, signature=saved.signature,
-                             input_example=saved.load_input_example(str(folder)),
-                             pip_requirements=model_requirements(), step=step, run_id=run_id)
+
+def record_problem(record) -> str | None:
+    """What makes `record` (as parsed from JSON) unfit to send, or None when it is a record."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not a record"
+    kind = record.get("kind")
+    if not isinstance(kind, str) or kind not in FIELDS:
+        return f"unknown tracking record kind {kind!r}"
+    if not isinstance(record.get("run_id"), str):
+        return f"{kind} record without a run id"
+    for field, types in FIELDS[kind].items():
+        if field not in record:
+            return f"{kind} record without {field!r}"
+        if not _fits(record[field], types):
+            return f"{kind} record whose {field!r} is {type(record[field]).__name__}"
+    if kind == "metrics" and not all(isinstance(key, str) and _fits(value, (int, float))
+                                     for key, value in record["metrics"].items()):
+        return "metrics record with a key that is not a string or a value that is not a number"
+    if kind == "inputs":
+        for item in record["datasets"]:
+            dataset = item.get("dataset") if isinstance(item, dict) else None
+            if not (isinstance(dataset, dict) and isinstance(item.get("context"), str)
+                    and set(dataset) <= set(DATASET_FIELDS)
+                    and all(f in dataset for f in ("name", "digest", "source_type", "source"))
+                    and all(_fits(v, DATASET_FIELDS[k]) for k, v in dataset.items())):
+                return "inputs record with a dataset that is not MLflow's dataset fields and a context"
+    return None
+
+
+def staged_path(folder: Path, name: str) -> Path:
+    """The file or folder a record names (`name`, relative to the spool `folder`), resolved; raises
+    BadRecord unless it lies below `folder/files/` once every symlink is followed."""
+    parts = PurePosixPath(name).parts
+    if PurePosixPath(name).is_absolute() or len(parts) < 2 or parts[0] != FILES or ".." in parts:
+        raise BadRecord(f"its file {name!r} is outside {FILES}/ (an absolute path, or one with '..')")
+    root = folder.resolve() / FILES
+    try:
+        path = (folder / name).resolve()
+    except (OSError, RuntimeError, ValueError) as err:  # a symlink loop, a NUL byte
+        raise BadRecord(f"its file {name!r} cannot be resolved ({first_line(err)})") from None
+    if path == root or not path.is_relative_to(root):
+        raise BadRecord(f"its file {name!r} leads outside {root}")
+    return path
+
+
+def check_contents(path: Path, folder: Path) -> None:
+    """Raise BadRecord unless `path` (from `staged_path`) is a plain file, or a folder holding only
+    plain files, folders, and symlinks to plain files below `folder/files/`."""
+    root = folder.resolve() / FILES
+    entries = [path]
+    if path.is_dir():
+        for top, dirs, files in os.walk(path):  # symlinked folders are listed, never entered
+            entries += [Path(top) / name for name in (*dirs, *files)]
+    for entry in entries:
+        target, shown = (entry.resolve() if entry.is_symlink() else entry), entry.relative_to(path.parent)
+        if target != entry and not target.is_relative_to(root):
+            raise BadRecord(f"{shown} leads outside {root}")
+        mode = os.lstat(target).st_mode if target.exists() else 0
+        if not (stat.S_ISREG(mode) or (stat.S_ISDIR(mode) and target == entry)):
+            raise BadRecord(f"{shown} is not a plain file or folder")
 
 
 def log_metric_records(client, records: list[dict]) -> None:
@@ -58,10 +134,13 @@ def log_metric_records(client, records: list[dict]) -> None:
 
 
 def apply_record(client, record: dict, folder: Path) -> None:
-    """Send one record with `client` (whose URI must also be MLflow's current tracking URI); the
-    files it names are under `folder`."""
+    """Send one record with `client`; the files it names are under the spool `folder`. Raises
+    BadRecord, having sent nothing, for a record unfit to send."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
+    problem = record_problem(record)
+    if problem:
+        raise BadRecord(problem)
     kind, run_id = record["kind"], record["run_id"]
     if kind == "metrics":
         log_metric_records(client, [record])
@@ -70,19 +149,23 @@ def apply_record(client, record: dict, folder: Path) -> None:
             DatasetInput(Dataset(**d["dataset"]), tags=[InputTag("mlflow.data.context", d["context"])])
             for d in record["datasets"]])
     elif kind in ("artifact", "model"):
-        path = folder / record["file"]
-        if not path.exists():
+        path = staged_path(folder, record["file"])
+        if not path.exists():  # sent before a crash that came before its progress was saved
             log.warning("tracking: %s for run %s is gone from %s; skipped", kind, run_id, path)
-        elif kind == "model":
-            log_saved_model(run_id, path, record["name"], record["step"])
+            return
+        check_contents(path, folder)
+        if kind == "model":
+            try:
+                saved = read_saved_model(path)
+            except Exception as err:  # the folder's own MLmodel, read here: any failure is the folder's
+                raise BadRecord(f"its model {record['file']} has no readable MLmodel ({first_line(err)})") from None
+            log_saved_model(client, run_id, path, saved, record["name"], record["step"])
         elif path.is_dir():
             client.log_artifacts(run_id, str(path), record["artifact_path"])
         else:
             client.log_artifact(run_id, str(path), record["artifact_path"])
-    elif kind == "terminate":
-        client.set_terminated(run_id, record["status"], record["end_time"])
     else:
-        raise ValueError(f"unknown tracking record kind {kind!r}")
+        client.set_terminated(run_id, record["status"], record["end_time"])
 
 
 def refused(err: BaseException) -> bool:

@@ -4,6 +4,10 @@ Secrets are the values of environment variables whose names hold TOKEN, PASSWORD
 KEY or CREDENTIAL, and the password of a `user:password@` tracking URI. They are replaced by `***`
 in every param, tag, dataset field and text artifact (`secret_values` + `redact`). URIs are shown
 with `***` for the password (`redact_uri`) and kept on disk without it (`storable_uri`).
+
+Errors too: MLflow's error texts quote the request URL, password included ("API request to
+http://user:pw@host/... failed"). `redact_error` is the one-line form of an error for a log line or
+a user error, with the secrets and the password of every URI in it replaced by `***`.
 """
 
 from __future__ import annotations
@@ -12,11 +16,15 @@ import os
 import re
 from urllib.parse import urlsplit, urlunsplit
 
+from nin_dist.errors import first_line
+
 REDACTED = "***"
 _SECRET_NAME = re.compile(r"TOKEN|PASSWORD|PASSWD|SECRET|KEY|CREDENTIAL", re.IGNORECASE)
 # Values too short or too common to be a secret (e.g. FOO_KEY=1); replacing them would garble text.
 _NOT_SECRET = {"true", "false", "yes", "no", "none", "null", "on", "off"}
 _MIN_SECRET_CHARS = 4
+# The password of any `scheme://user:password@` in a text (group 1 keeps the rest).
+_URI_PASSWORD = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s/@:]*:)[^\s/@]+@")
 
 
 def uri_password(uri: str | None) -> str | None:
@@ -52,3 +60,12 @@ def redact(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, REDACTED)
     return text
+
+
+def redact_error(err: BaseException | str, secrets: list[str]) -> str:
+    """The first line of `err` for a log line or a user error, its secrets and URI passwords as ***.
+
+    The whole text is redacted before it is cut to one line, so a secret across the cut cannot
+    leave a piece behind."""
+    text = _URI_PASSWORD.sub(rf"\g<1>{REDACTED}@", redact(str(err), secrets))
+    return first_line(text if text.strip() else type(err).__name__)

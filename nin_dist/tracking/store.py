@@ -8,7 +8,9 @@
   MLflow reads `MLFLOW_HTTP_REQUEST_TIMEOUT` / `MLFLOW_HTTP_REQUEST_MAX_RETRIES` at each request;
   values the user set take precedence, and closing removes exactly the ones it set.
 - `check_reachable(uri, ...)`: a server's `/health`, then one API call, or `TrackingError` naming the
-  URI (its password shown as `***`); `probe(uri, ...)`: the same as True or False.
+  URI (its password shown as `***`, in MLflow's error text too); `probe(uri, ...)`: the same as True
+  or False.
+- `MAX_BATCH_METRICS`: the most metrics one `log_batch` request may carry.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import math
 import os
 from pathlib import Path
 
-from nin_dist.errors import TrackingError, first_line
-from nin_dist.tracking.redaction import redact_uri
+from nin_dist.errors import TrackingError
+from nin_dist.tracking.redaction import redact_error, redact_uri, secret_values
 
 DEFAULT_DB = "mlflow.db"
+MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit
 
 
 def resolve_uri(configured: str | None) -> tuple[str, str]:
@@ -94,7 +97,7 @@ def check_reachable(uri: str, source: str, timeout_s: float) -> None:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # store errors come as MlflowException, SQLAlchemy or OS errors
         raise TrackingError(f"MLflow tracking store {shown} (from {source}) refused a request: "
-                            f"{first_line(err)}") from None
+                            f"{redact_error(err, secret_values((uri,)))}") from None
 
 
 def probe(uri: str, timeout_s: float) -> bool:

@@ -8,7 +8,9 @@ store every `retry_s` whether it is back and then sends the spool first. `close`
 and says what is left, which `nin-train --sync-tracking RUN_DIR` sends later into the same run, with
 the original steps and timestamps. From start to close, one HTTP request waits at most
 `tracking.timeout_s` and is not retried (`HttpBounds`, `nin_dist.tracking.store`). Every param,
-tag, dataset field and text artifact has its secrets replaced by `***` (`nin_dist.tracking.redaction`).
+tag, dataset field and text artifact has its secrets replaced by `***` (`nin_dist.tracking.redaction`),
+and so has every MLflow error text this package logs or raises. `close` never raises for want of
+disk: what could be neither sent nor kept is named in one error line.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import threading
 import time
 from pathlib import Path
 
-from nin_dist.errors import TrackingError, first_line
+from nin_dist.errors import TrackingError
 from nin_dist.tracking.mlflow_internals import system_metrics_monitor
-from nin_dist.tracking.records import model_requirements
-from nin_dist.tracking.redaction import redact, redact_uri, secret_values
+from nin_dist.tracking.redaction import redact, redact_error, redact_uri, secret_values
 from nin_dist.tracking.run import open_run
+from nin_dist.tracking.saved_model import save_model
 from nin_dist.tracking.sender import Sender
 from nin_dist.tracking.spool import Spool
 from nin_dist.tracking.store import HttpBounds, check_reachable, resolve_uri
@@ -74,7 +76,7 @@ class MLflowTracker:
         self._last_step = 0
         self._monitor, self._monitor_lock = None, threading.Lock()
         self._start_monitor(resume=resume_run_id is not None)
-        self._sender = Sender(self._client, self.uri, self._spool, tcfg.timeout_s, retry_s,
+        self._sender = Sender(self._client, self.uri, self._spool, tcfg.timeout_s, retry_s, self._secrets,
                               on_reconnect=self._restart_monitor)
 
     def _open_run(self, cfg, info, resume_run_id: str | None, tags: dict[str, str]) -> str:
@@ -85,7 +87,7 @@ class MLflowTracker:
             raise
         except Exception as err:  # MlflowException, or the store's own (SQLAlchemy, OS) errors
             raise TrackingError(f"MLflow tracking store {redact_uri(self.uri)}: could not start the run "
-                                f"({first_line(err)})") from None
+                                f"({redact_error(err, self._secrets)})") from None
 
     def _clean(self, value) -> str:
         return redact(str(value), self._secrets)
@@ -174,17 +176,9 @@ class MLflowTracker:
         and `example` as input example. `model` must run on the CPU as it is (`NiN.portable_copy()`)."""
         if not self._log_model_enabled or self._closed:
             return
-        import mlflow.pytorch
-        import torch
-        from mlflow.models import infer_signature
-
         try:
-            x = example.detach().cpu().float()
-            with torch.no_grad():
-                y = model(x)
             path = self._spool.stage("model")
-            mlflow.pytorch.save_model(model, str(path), signature=infer_signature(x.numpy(), y.numpy()),
-                                      input_example=x.numpy(), pip_requirements=model_requirements())
+            save_model(model, example, path)
         except Exception:  # the run's result is in the checkpoint; a tracking copy must not fail it
             log.exception("tracking: the model could not be saved for MLflow (the checkpoint holds its weights)")
             return
@@ -202,10 +196,24 @@ class MLflowTracker:
         self._stop_monitor()  # its last samples go before the end
         self._sender.put(lambda: {"kind": "terminate", "run_id": self.run_id, "status": status,
                                   "end_time": end_time})
-        self._sender.finish()
-        self._http_bounds.close()
-        left = self._spool.pending()
-        if left:
+        try:
+            self._sender.finish()
+        finally:
+            self._http_bounds.close()
+        lost = self._sender.lost
+        try:
+            left, unreadable = self._spool.pending(), None
+        except (OSError, TrackingError) as err:  # the spool itself became unreadable
+            left, unreadable = 0, err
+        if lost:
+            log.error("tracking: %d records of MLflow run %s are lost (%s): they could be neither sent to %s "
+                      "nor kept in %s (%s)", sum(lost.values()), self.run_id,
+                      ", ".join(f"{kind}: {n}" for kind, n in sorted(lost.items())), redact_uri(self.uri),
+                      self._spool.folder, self._sender.lost_because)
+        elif unreadable is not None:
+            log.error("tracking: cannot tell which records of MLflow run %s wait in %s (%s)", self.run_id,
+                      self._spool.folder, unreadable)
+        elif left:
             log.warning("tracking: %d records of MLflow run %s could not be sent to %s; they wait in %s; "
                         "send them with: nin-train --sync-tracking %s", left, self.run_id,
                         redact_uri(self.uri), self._spool.folder, self._spool.folder.parent)
@@ -224,7 +232,7 @@ class MLflowTracker:
                 self._monitor = system_metrics_monitor(self.run_id, resume=resume, tracking_uri=self.uri)
                 self._monitor.start()
             except Exception as err:
-                log.warning("tracking: system metrics not started (%s)", first_line(err))
+                log.warning("tracking: system metrics not started (%s)", redact_error(err, self._secrets))
                 self._monitor = None
 
     def _restart_monitor(self) -> None:

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+import kernels
 from kernels import fused_pointwise_mlp, ops, reference_pointwise_mlp
 
 REPO = Path(__file__).resolve().parents[2]
@@ -297,6 +298,22 @@ def test_kernels_is_a_leaf_package():
                 continue
             for name in names:
                 assert name.split(".")[0] in allowed, f"{path.name}:{node.lineno} imports {name}"
+
+
+def test_gpu_tables_give_every_dot_power_of_two_blocks_of_16():
+    """Every block size of a GPU variant is a tl.dot dimension (the reduce kernel has no dot); on a GPU,
+    triton 3.6 and 3.7 refuse K < 16 even for fp32, and every release wants powers of two."""
+    for v in ops.gpu_variants():
+        if v.kernel == "_bwd_reduce_kernel":
+            continue
+        for name, value in v.constexprs:
+            if name.startswith("BLOCK_"):
+                assert value >= 16 and value & (value - 1) == 0, f"{v.kernel} {v.dtype} {name}={value}"
+
+
+def test_version_floor_reads_release_numbers():
+    assert kernels._release("2.11.0+cu128") == (2, 11) and kernels._release("3.6.0") == (3, 6)
+    assert kernels._release(torch.__version__) >= kernels.MIN_TORCH
 
 
 @pytest.mark.slow

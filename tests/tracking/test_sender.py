@@ -6,6 +6,8 @@ restart on the same port and store; the run must then hold what an undisturbed r
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 
 import torch
@@ -31,9 +33,10 @@ from nin_dist.tracking.spool import SPOOL_DIR, Spool
 from nin_dist.tracking.tracker import MLflowTracker
 
 
-def test_kept_records_go_first_and_refused_ones_are_dropped(tmp_path, sqlite_uri):
+def test_kept_records_go_first_and_refused_ones_stay_kept(tmp_path, sqlite_uri):
     """A new process of a run sends what an earlier one kept before anything else. A kept record
-    the store rejects (here: for a run that does not exist) is dropped, so it cannot block the rest."""
+    the store rejects (here: for a run that does not exist) is skipped and stays in the spool, so it
+    neither blocks the rest nor is lost."""
     earlier = make_tracker(config(sqlite_uri, "kept"), INFO, tmp_path / "a", None, {})
     earlier.log_metrics({"x/y": 1.0}, 1)
     earlier.close()
@@ -48,7 +51,29 @@ def test_kept_records_go_first_and_refused_ones_are_dropped(tmp_path, sqlite_uri
     client = MlflowClient(sqlite_uri)
     assert history(client, earlier.run_id) == {"x/y": [(1, 1.0), (2, 2.0)]}
     assert history(client, later.run_id) == {"x/y": [(5, 5.0)]}
-    assert not spool.folder.exists()
+    assert [json.loads(line)["run_id"] for line in spool.records_path.read_text().splitlines()] == ["f" * 32] * 2
+    assert spool.pending() == 2
+
+
+def test_close_with_an_unwritable_spool_says_what_is_lost(tmp_path, server, caplog):
+    """The store is gone and the spool cannot be written (records.jsonl turned into a folder: the
+    same OSError as a full disk, which root's permissions cannot fake): close() returns, with one
+    error line naming what was lost."""
+    tracker = make_tracker(config(server.uri, "unwritable", timeout_s=10.0), INFO, tmp_path, None, {})
+    tracker.log_metrics(step_metrics(1), 1)
+    wait_for(lambda: MlflowClient(server.uri).get_run(tracker.run_id).data.metrics, "step 1 sent")
+    Spool(tmp_path).records_path.mkdir(parents=True)
+    server.kill()
+    try:
+        tracker.log_metrics(step_metrics(2), 2)
+        with caplog.at_level(logging.WARNING, logger="nin_dist.tracking"):
+            tracker.close("FINISHED")
+    finally:
+        server.start()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert "2 records of MLflow run" in errors[0] and "metrics: 1, terminate: 1" in errors[0], errors[0]
+    assert "IsADirectoryError" in errors[0] and not any(r.exc_info for r in caplog.records)
 
 
 def test_close_returns_while_the_server_hangs(tmp_path, server):

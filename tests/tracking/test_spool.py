@@ -37,7 +37,10 @@ def test_the_spool_on_disk(tmp_path):
         f.write('{"kind": "metr')  # a line cut short by a crash mid-write
     lines = (folder / "records.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines[:2]] == [record, metrics_record("a" * 32, 1)]
-    assert spool.pending() == 2, "the incomplete line is not a record"
+    assert spool.pending() == 3, "the incomplete line waits too: a replay keeps it, never drops it"
+    spool.append(metrics_record("a" * 32, 2))
+    lines = (folder / "records.jsonl").read_text().splitlines()
+    assert lines[2] == '{"kind": "metr' and json.loads(lines[3]) == metrics_record("a" * 32, 2), "a fresh line"
     spool.discard(record)
     assert not staged.parent.exists()
 
@@ -54,18 +57,38 @@ def test_records_for_another_store_are_not_mixed(tmp_path):
 
 def test_a_replay_stopped_by_a_failure_keeps_its_progress(tmp_path, sqlite_uri):
     """Records before the failing one are sent (consecutive metrics as one batch) and counted in
-    progress.json; the failing one and those after it wait for the next sync."""
+    progress.json; the failing one and those after it wait for the next sync. The failure is the
+    store's own: an artifact folder `x` where its artifact `x` is already a file."""
     client = MlflowClient(sqlite_uri)
     run_id = client.create_run(client.create_experiment("nin-tests-replay")).info.run_id
     spool = Spool(tmp_path)
     spool.bind(sqlite_uri)
-    for record in (metrics_record(run_id, 1), metrics_record(run_id, 2), {"kind": "unknown", "run_id": run_id},
+    first, second = spool.stage("x"), spool.stage("y")
+    first.write_text("1\n")
+    second.write_text("2\n")
+    for record in (metrics_record(run_id, 1), metrics_record(run_id, 2),
+                   {"kind": "artifact", "run_id": run_id, "file": spool.relative(first), "artifact_path": None},
+                   {"kind": "artifact", "run_id": run_id, "file": spool.relative(second), "artifact_path": "x"},
                    metrics_record(run_id, 3)):
         spool.append(record)
     assert sync_spool(tmp_path) == 1
-    assert json.loads((tmp_path / SPOOL_DIR / "progress.json").read_text()) == {"done": 2}
-    assert spool.pending() == 2
+    assert json.loads((tmp_path / SPOOL_DIR / "progress.json").read_text()) == {"done": 3, "kept": []}
+    assert spool.pending() == 2 and second.exists() and not first.exists()
     assert history(client, run_id) == {"x/y": [(1, 1.0), (2, 2.0)]}
+
+
+def test_progress_that_does_not_fit_replays_from_the_start(tmp_path, sqlite_uri):
+    """progress.json claiming more than records.jsonl holds deletes nothing unsent: all is sent again."""
+    client = MlflowClient(sqlite_uri)
+    run_id = client.create_run(client.create_experiment("nin-tests-progress")).info.run_id
+    spool = Spool(tmp_path)
+    spool.bind(sqlite_uri)
+    spool.append(metrics_record(run_id, 1))
+    spool.append(metrics_record(run_id, 2))
+    (tmp_path / SPOOL_DIR / "progress.json").write_text('{"done": 99, "kept": "all"}')
+    assert sync_spool(tmp_path) == 0
+    assert history(client, run_id) == {"x/y": [(1, 1.0), (2, 2.0)]}
+    assert not (tmp_path / SPOOL_DIR).exists()
 
 
 def test_sync_without_a_spool_and_against_a_dead_server(tmp_path):

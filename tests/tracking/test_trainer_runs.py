@@ -180,7 +180,8 @@ def test_a_worker_killed_and_restarted_by_torchrun_keeps_one_run(tmp_path):
     job = start(torchrun_cmd(["--standalone", "--nproc_per_node=2", "--max-restarts=1"],
                              overrides(out, data__train_limit=16 * steps, data__test_limit=200, train__batch_size=16,
                                        train__epochs=2, train__checkpoint_every=steps // 2)
-                             + [f"tracking.uri={uri}", "tracking.enabled=true", "tracking.system_metrics=false"]))
+                             + [f"tracking.uri={uri}", "tracking.enabled=true", "tracking.system_metrics=false"]),
+                cwd=tmp_path)
     path, deadline = out / "checkpoints" / "last.pt", time.monotonic() + 240
     while not (path.exists() and ckpt.load(path)[ckpt.STEP] == steps // 2):
         assert job.poll() is None, finish(job, 5)[1][-4000:]
