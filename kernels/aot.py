@@ -91,10 +91,23 @@ def _run_ptxas(ptxas: str, ptx: str) -> dict[str, int]:
         with open(src, "w") as f:
             f.write(ptx)
         # the flags triton itself passes, so the numbers are those of the cubin it builds
-        out = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2",
-                              f"--gpu-name={target}", src, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True, check=True)
+        out = None
+        for candidate in _ptxas_candidates(ptxas):
+            out = subprocess.run([candidate, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                                  f"--gpu-name={target}", src, "-o", os.path.join(tmp, "k.o")],
+                                 capture_output=True, text=True)
+            if "Unsupported .version" not in out.stderr:
+                break
+        out.check_returncode()
     return _parse_ptxas_log(out.stdout + out.stderr)
+
+
+def _ptxas_candidates(ptxas: str) -> list[str]:
+    """`ptxas`, then the other ptxas builds beside it: triton 3.9 ships two (`ptxas` of CUDA 12.9 and
+    `ptxas-blackwell` of CUDA 13) and emits PTX 9.x, which only the newer one reads."""
+    folder = os.path.dirname(ptxas)
+    siblings = sorted(os.path.join(folder, n) for n in os.listdir(folder or ".") if n.startswith("ptxas-"))
+    return [ptxas, *(p for p in siblings if os.access(p, os.X_OK))]
 
 
 def _compile(src, arch: int, options: dict):
