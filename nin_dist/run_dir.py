@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -200,9 +201,16 @@ def make_run_dir(path: Path, info: DistInfo) -> RunDir:
 def open_run_dir(path: Path, info: DistInfo) -> Iterator[RunDir]:
     """The run folder, made and locked by rank 0 before any work; every rank raises its error, if any."""
     run_dir = make_run_dir(path, info)
+    fresh = info.is_main and not Path(path).exists()
     on_main(info, run_dir.open)
     try:
         yield run_dir
+    except BaseException:
+        # A run that stopped before writing anything (e.g. bad data) leaves no folder behind.
+        if fresh and {p.name for p in Path(path).iterdir()} <= {LOCK_FILE}:
+            run_dir.close()
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     finally:
         run_dir.close()
 
