@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from nin_dist.download import is_mirror_url
 from nin_dist.errors import ConfigError, first_line
 from nin_dist.shapes import parameter_count, smallest_input_size
 
@@ -55,7 +56,8 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
 @dataclass(frozen=True)
 class DataConfig:
     root: str | None = None  # folder holding Fashion-MNIST; None = search (see nin_dist.data)
-    download: bool = False  # fetch with torchvision when no copy is found
+    download: bool = True  # fetch from data.mirror when no copy is found (false: stay offline)
+    mirror: str | None = None  # base URL of the four .gz files; None = torchvision's mirror, then upstream's
     resize: int = 224  # side of the square image fed to the network, pixels
     normalize: bool = False  # subtract the train mean / divide by std (the seed does not)
     flip: bool = False  # random horizontal flip of training images
@@ -64,6 +66,8 @@ class DataConfig:
 
     def __post_init__(self):
         _require(1 <= self.resize <= MAX_RESIZE, "data.resize", f"1 to {MAX_RESIZE} pixels", self.resize)
+        _require(self.mirror is None or is_mirror_url(self.mirror), "data.mirror",
+                 "null or an http(s) or file URL of the folder holding the four .gz files", self.mirror)
         for name, size in (("train_limit", TRAIN_IMAGES), ("test_limit", TEST_IMAGES)):
             value = getattr(self, name)
             _require(value is None or 1 <= value <= size, f"data.{name}",
@@ -136,7 +140,7 @@ class TrainConfig:
     batch_size: int = 128  # global batch, images (each of N ranks takes batch_size / N)
     eval_batch_size: int = 500  # global evaluation batch, images
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 CUDA only) | fp64 (CPU reference runs)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 CUDA only) | fp64 (CPU reference) | auto
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda
@@ -154,8 +158,8 @@ class TrainConfig:
                  f"a batch from 1 to {TRAIN_IMAGES} (the larger split)", self.eval_batch_size)
         _require(self.max_steps is None or 1 <= self.max_steps <= MAX_STEPS, "train.max_steps",
                  f"null or 1 to {MAX_STEPS:.0e}", self.max_steps)
-        _require(self.precision in ("fp32", "bf16", "fp16", "fp64"), "train.precision",
-                 "fp32, bf16, fp16 or fp64", self.precision)
+        _require(self.precision in ("fp32", "bf16", "fp16", "fp64", "auto"), "train.precision",
+                 "fp32, bf16, fp16, fp64 or auto", self.precision)
         _require(self.device in ("auto", "cpu", "cuda"), "train.device", "auto, cpu or cuda", self.device)
         _require(self.threads is None or 1 <= self.threads <= MAX_THREADS, "train.threads",
                  f"null or 1 to {MAX_THREADS}", self.threads)
@@ -417,7 +421,7 @@ def dump_yaml(cfg: Config) -> str:
 # Keys that change how a run computes but not what it computes; a resume may change them freely.
 _RESUMABLE_KEYS = ("train.max_steps", "train.progress", "train.log_every",
                    "train.checkpoint_every", "train.threads", "tracking.", "run.", "data.root",
-                   "data.download", "model.kernel", "train.compile", "train.bucket_cap_mb")
+                   "data.download", "data.mirror", "model.kernel", "train.compile", "train.bucket_cap_mb")
 
 
 def model_relevant(cfg: Config) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """Fashion-MNIST: find it, verify it, hold each split on the training device, batch it there.
 
-Where the data is looked for, first that holds the files: `data.root`, `$NIN_DATA_DIR`, `./data`,
-`/usr/share/datasets/fashion-mnist` (Debian's `dataset-fashion-mnist`); else a torchvision download
-into `./data` when `data.download` is true. A root holds `FashionMNIST/raw/*-ubyte.gz` (torchvision's
-layout) or the four files directly, compressed or not. The `.gz` files are read in place and nothing
-is ever written into a root (it may be read-only). Every file is verified: gzip integrity, size,
-IDX magic number, dimensions and the SHA-256 of the uncompressed bytes.
+Where the data is: `data.root` when set (downloaded there if missing); else the first of `$NIN_DATA_DIR`,
+`./data` and `/usr/share/datasets/fashion-mnist` (Debian's `dataset-fashion-mnist`) that holds the
+files; else a download into `./data`. Downloads come from `data.mirror` (default: torchvision's mirror,
+then upstream's) and `data.download=false` turns them off (`nin_dist.download`). A root holds `FashionMNIST/raw/*-ubyte.gz` (torchvision's layout) or
+the four files directly, compressed or not. The `.gz` files are read in place and nothing but a
+download is ever written into a root (it may be read-only). Every file is verified: gzip integrity,
+size, IDX magic number, dimensions and the SHA-256 of the uncompressed bytes.
 
 A split lives on the device as one uint8 tensor (60,000 x 28 x 28 = 47 MB). Each batch is gathered,
 scaled to [0, 1], optionally flipped and normalised, and resized on that device in one batched call.
@@ -14,8 +15,8 @@ Ranks share one permutation per (seed, epoch): each takes its slice of every glo
 
 from __future__ import annotations
 
-import gzip
 import hashlib
+import logging
 import os
 import struct
 import zlib
@@ -26,7 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from nin_dist.config import DataConfig
+from nin_dist.download import DEBIAN_HINT, DEFAULT_MIRRORS, download, raw_folder
 from nin_dist.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SIDE = 28
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -71,53 +75,63 @@ def _holds_dataset(root: Path) -> bool:
     return all(_locate(root, idx) is not None for idx in FILES.values())
 
 
+def _missing(root: Path) -> list[IdxFile]:
+    return [idx for idx in FILES.values() if _locate(root, idx) is None]
+
+
 def find_root(cfg: DataConfig) -> Path:
-    """The first place that holds all four files; download or raise DataError listing the places."""
-    if cfg.root is not None:
+    """data.root, else the first place that holds all four files, else a download into ./data; or DataError."""
+    if cfg.root is not None:  # the one place named: found there, downloaded there, or an error
         root = Path(cfg.root).expanduser()
-        if _holds_dataset(root):
-            return root
-        if not cfg.download:
-            missing = [idx.name for idx in FILES.values() if _locate(root, idx) is None]
+        if not _holds_dataset(root) and not cfg.download:
+            missing = [idx.name for idx in _missing(root)]
             raise DataError(f"data.root={root}: Fashion-MNIST not found there (missing {', '.join(missing)}; "
-                            f"expected FashionMNIST/raw/*-ubyte.gz or the files directly)")
+                            f"expected FashionMNIST/raw/*-ubyte.gz or the files directly; or data.download=true)")
+        return root if _holds_dataset(root) else _download(root, cfg)
     candidates = [Path(p).expanduser() for p in (os.environ.get("NIN_DATA_DIR"), "data", DEBIAN_ROOT) if p]
     for root in candidates:
         if _holds_dataset(root):
             return root
     if cfg.download:
-        return _download(Path(cfg.root).expanduser() if cfg.root else Path("data"))
-    searched = ([f"data.root={cfg.root}"] if cfg.root else []) + [
+        return _download(Path("data"), cfg)
+    searched = [
         f"$NIN_DATA_DIR={os.environ['NIN_DATA_DIR']}" if os.environ.get("NIN_DATA_DIR") else "$NIN_DATA_DIR (unset)",
         str(Path("data").resolve()), DEBIAN_ROOT]
     raise DataError("Fashion-MNIST not found; searched " + ", ".join(searched) +
-                    "; set data.root or NIN_DATA_DIR, or data.download=true")
+                    f"; set data.root or NIN_DATA_DIR, or data.download=true; {DEBIAN_HINT}")
 
 
-def _download(root: Path) -> Path:
-    from torchvision.datasets import FashionMNIST
-
-    try:
-        for train in (True, False):
-            FashionMNIST(str(root), train=train, download=True)
-    except Exception as err:  # network errors come in many types; all mean the same to the user
-        raise DataError(f"data.download: could not download Fashion-MNIST into {root} ({err})") from None
+def _download(root: Path, cfg: DataConfig) -> Path:
+    log.info("data: no copy of Fashion-MNIST found; downloading into %s", raw_folder(root).resolve())
+    download(root, lambda: _missing(root), (cfg.mirror,) if cfg.mirror else DEFAULT_MIRRORS, read_idx)
     return root
 
 
 # --------------------------------------------------------------------------- reading and verifying
 
+def _gunzip(raw: bytes, expected_size: int) -> bytes:
+    """One gzip member, decompressed to at most one byte past `expected_size`: a file that would
+    inflate far beyond the dataset (a gzip bomb from a hostile mirror) stops there, not in MemoryError."""
+    stream = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    data = stream.decompress(raw, expected_size + 1)
+    if len(data) <= expected_size and not stream.eof:
+        raise EOFError("the compressed stream ends early")
+    if stream.unused_data:
+        raise zlib.error("data after the end of the compressed stream")
+    return data
+
+
 def read_idx(path: Path, idx: IdxFile) -> bytes:
     """The verified uncompressed bytes of one IDX file, or DataError naming the file and problem."""
+    header = 16 if idx.magic == IDX_IMAGES_MAGIC else 8
+    expected_size = header + idx.count * (IMAGE_SIDE * IMAGE_SIDE if idx.magic == IDX_IMAGES_MAGIC else 1)
     try:
         raw = path.read_bytes()
-        data = gzip.decompress(raw) if path.suffix == ".gz" else raw
-    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        data = _gunzip(raw, expected_size) if path.suffix == ".gz" else raw
+    except (EOFError, zlib.error) as err:
         raise DataError(f"{path}: truncated or corrupt gzip ({err})") from None
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror})") from None
-    header = 16 if idx.magic == IDX_IMAGES_MAGIC else 8
-    expected_size = header + idx.count * (IMAGE_SIDE * IMAGE_SIDE if idx.magic == IDX_IMAGES_MAGIC else 1)
     if len(data) < 8:
         raise DataError(f"{path}: truncated ({len(data)} bytes, expected {expected_size})")
     magic, count = struct.unpack(">II", data[:8])
@@ -196,7 +210,10 @@ def write_torchvision_copy(root: Path, folder: Path) -> None:
 def load_datasets(cfg: DataConfig) -> tuple[Split, Split]:
     """(train, test) on the CPU, verified, with the configured limits."""
     root = find_root(cfg)
-    return load_split(root, "train", cfg.train_limit), load_split(root, "test", cfg.test_limit)
+    splits = load_split(root, "train", cfg.train_limit), load_split(root, "test", cfg.test_limit)
+    source = " (Debian's dataset-fashion-mnist)" if root == Path(DEBIAN_ROOT) else ""
+    log.info("data: Fashion-MNIST from %s%s, verified", root.resolve(), source)
+    return splits
 
 
 # --------------------------------------------------------------------------- batches on the device

@@ -33,7 +33,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from nin_dist import checkpoint as ckpt
-from nin_dist import distributed
+from nin_dist import distributed, precision
 from nin_dist.config import Config, config_hash, load_config, model_relevant
 from nin_dist.data import TrainBatches, load_datasets, to_inputs
 from nin_dist.distributed import DistInfo
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         info = distributed.init_distributed(cfg.train.device, cfg.train.threads)
         init_logging(info.rank)
         check_world(cfg, info)
-        cfg = resolve_run(cfg)
+        cfg = resolve_run(precision.resolve_config(cfg, info.device))
         log.info("run %s -> %s (world size %d, %s)", cfg.run.name, cfg.run.out_dir, info.world_size, info.device)
         fit(cfg, info)
         return 0

@@ -101,7 +101,7 @@ def _error_lines(stderr: str) -> list[str]:
 def test_cli_config_errors_exit_2_with_one_line_before_reading_data(override, message, capsys, tmp_path):
     # data.root points nowhere: a data error would show if the config were not checked first.
     code = main(["--config", str(REPO / "configs/d2l.yaml"), override, f"data.root={tmp_path / 'nowhere'}",
-                 "tracking.enabled=false", f"run.out_dir={tmp_path / 'run'}"])
+                 "data.download=false", "tracking.enabled=false", f"run.out_dir={tmp_path / 'run'}"])
     err = _error_lines(capsys.readouterr().err)
     assert code == 2
     assert len(err) == 1 and message in err[0] and "Fashion-MNIST" not in err[0]
@@ -253,7 +253,8 @@ def test_split_sizes_and_parameter_count_match_the_real_ones():
     (None, "tracking.timeout_s=nan"),
 ])
 def test_cli_hostile_input_exits_2_with_one_line(tmp_path, capsys, yaml_text, override):
-    argv = [f"data.root={tmp_path / 'nowhere'}", "tracking.enabled=false", f"run.out_dir={tmp_path / 'run'}"]
+    argv = [f"data.root={tmp_path / 'nowhere'}", "data.download=false", "tracking.enabled=false",
+            f"run.out_dir={tmp_path / 'run'}"]
     if yaml_text is not None:
         (tmp_path / "c.yaml").write_text(yaml_text)
         argv = ["--config", str(tmp_path / "c.yaml"), *argv]

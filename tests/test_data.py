@@ -118,7 +118,7 @@ def test_no_data_anywhere_lists_the_places_searched(tmp_path, monkeypatch, capsy
     err = _error_line(capsys.readouterr().err)
     assert code == 2
     assert "$NIN_DATA_DIR (unset)" in err and str(tmp_path / "data") in err
-    assert "/usr/share/datasets/fashion-mnist" in err
+    assert "/usr/share/datasets/fashion-mnist" in err and "apt-get install dataset-fashion-mnist" in err
 
 
 def test_search_order_and_flat_layout(tmp_path, data_root, monkeypatch):
@@ -131,7 +131,7 @@ def test_search_order_and_flat_layout(tmp_path, data_root, monkeypatch):
     assert find_root(DataConfig()) == data_root  # then $NIN_DATA_DIR
     assert len(load_split(flat, "test", limit=5)) == 5
     with pytest.raises(DataError, match="data.root=.*nowhere: Fashion-MNIST not found"):
-        find_root(DataConfig(root=str(tmp_path / "nowhere")))
+        find_root(DataConfig(root=str(tmp_path / "nowhere"), download=False))
 
 
 def test_batches_match_torchvision_resize_224_within_one_level(tmp_path, data_root, splits):

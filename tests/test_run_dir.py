@@ -125,7 +125,7 @@ def test_out_dir_under_a_file_is_one_line_before_any_loading(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder\n")
     # data.root does not exist: had the data been looked for first, that would be the error.
-    argv = overrides(blocker / "run", **TINY, data__root=tmp_path / "no-data")
+    argv = overrides(blocker / "run", **TINY, data__root=tmp_path / "no-data", data__download=False)
     assert train_in_process(argv) == 2
     err = error_lines(capsys.readouterr().err)
     assert err == [f"nin-train: error: run.out_dir={blocker / 'run'} cannot be written (Not a directory: "
@@ -156,7 +156,7 @@ def read_only_folder(tmp_path):
 def test_a_read_only_out_dir_is_one_line_before_any_loading(tmp_path, capsys, inside):
     with read_only_folder(tmp_path) as folder:
         out = folder / "run" if inside else folder
-        assert train_in_process(overrides(out, **TINY, data__root=tmp_path / "no-data")) == 2
+        assert train_in_process(overrides(out, **TINY, data__root=tmp_path / "no-data", data__download=False)) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith(f"nin-train: error: run.out_dir={out} cannot be written ("), err
     assert "Read-only file system" in err[0] or "Permission denied" in err[0], err

@@ -172,7 +172,8 @@ def test_compile_on_cpu(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["train.epochs=0"], "nin-train: error: train.epochs=0 is not allowed: at least 1"),
     (["train.epoch=2"], "nin-train: error: unknown config key train.epoch; did you mean train.epochs?"),
-    (["data.root=/nonexistent"], "nin-train: error: data.root=/nonexistent: Fashion-MNIST not found there"),
+    (["data.root=/nonexistent", "data.download=false"],
+     "nin-train: error: data.root=/nonexistent: Fashion-MNIST not found there"),
     (["train.batch_size=100000"], "nin-train: error: train.batch_size=100000 is larger than the 128 training"),
     (["train.precision=fp16"], "nin-train: error: train.precision=fp16 needs CUDA"),
 ])
