@@ -3,7 +3,7 @@
 fp64 keeps parameters and activations in float64 (CPU reference runs); every other precision keeps
 fp32 parameters, and bf16 / fp16 compute under autocast (fp16 with a gradient scaler, CUDA only).
 `auto` is bf16 where the device computes it natively, else fp32: a CPU without bf16 instructions
-(AVX2-only x86) emulates it, and a bf16 step there is ~25x slower than fp32 (BENCHMARKS.md).
+(AVX2-only x86) emulates it, and a bf16 step there is ~7x slower than fp32 (BENCHMARKS.md).
 The trainer, the evaluation and `nin-bench train` all take these from here.
 """
 

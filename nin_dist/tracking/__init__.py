@@ -63,7 +63,17 @@ def make_tracker(cfg, info, run_dir: Path, resume_run_id: str | None, tags: dict
 
 
 def sync(run_dir: Path) -> int:
-    """`nin-train --sync-tracking RUN_DIR`: send what a run kept in RUN_DIR/tracking-spool/."""
+    """`nin-train --sync-tracking RUN_DIR`: send what a run kept in RUN_DIR/tracking-spool/, holding the
+    run folder's lock, so neither the job still writing that spool nor a second sync can run beside it."""
+    from nin_dist.errors import TrackingError
+    from nin_dist.run_dir import RunDir
     from nin_dist.tracking.replay import sync as replay
 
-    return replay(Path(run_dir))
+    folder = RunDir(Path(run_dir))
+    if not folder.path.is_dir():
+        raise TrackingError(f"--sync-tracking {run_dir}: no such run folder")
+    folder.open(wait_s=0)
+    try:
+        return replay(folder.path)
+    finally:
+        folder.close()

@@ -1,10 +1,12 @@
 """`nin-train --sync-tracking RUN_DIR`: send what a run kept in its spool, once its store is back.
 
 `sync` reads the store from the spool's run.json (`nin_dist.tracking.spool`), checks it answers
-within the HTTP bounds, and replays the records into their runs. Exit codes: 0 when everything was
-sent (the spool is then removed), 1 when a record failed on the way (the rest waits for the next
-sync) or was kept as unfit to send (it stays, with its files); a spool that cannot say where its
-records go, or a store that does not answer, is a `TrackingError` (one line, exit 2).
+within the HTTP bounds (and, when this environment holds MLflow credentials, that it is the store
+`$MLFLOW_TRACKING_URI` names: a run folder's file must not choose where they go), and replays the
+records into their runs. Exit codes: 0 when everything was sent (the spool is then removed), 1 when a
+record failed on the way (the rest waits for the next sync) or was kept as unfit to send (it stays,
+with its files); a spool that cannot say where its records go, or a store that does not answer, is a
+`TrackingError` (one line, exit 2).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from nin_dist.errors import TrackingError
 from nin_dist.tracking.redaction import redact_error, redact_uri, secret_values
 from nin_dist.tracking.spool import Spool
-from nin_dist.tracking.store import HttpBounds, check_reachable
+from nin_dist.tracking.store import HttpBounds, check_credentials_target, check_reachable
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,11 @@ def sync(run_dir: Path, uri: str | None = None, timeout_s: float = 30.0) -> int:
         log.info("tracking: nothing to send in %s", spool.folder)
         spool.remove_if_idle()
         return 0
-    uri = uri or spool.tracking_uri()
-    if not uri:
-        raise TrackingError(f"{spool.meta_path} is missing: cannot tell which MLflow store the records belong to")
+    if uri is None:
+        uri = spool.tracking_uri()
+        if not uri:
+            raise TrackingError(f"{spool.meta_path} is missing: cannot tell which MLflow store the records belong to")
+        check_credentials_target(uri, str(spool.meta_path))
     secrets = secret_values((uri,))
     with HttpBounds(timeout_s):
         check_reachable(uri, str(spool.meta_path), timeout_s)

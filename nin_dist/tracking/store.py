@@ -10,6 +10,8 @@
 - `check_reachable(uri, ...)`: a server's `/health`, then one API call, or `TrackingError` naming the
   URI (its password shown as `***`, in MLflow's error text too); `probe(uri, ...)`: the same as True
   or False.
+- `check_credentials_target(uri, source)`: this environment's MLflow credentials go only to the store
+  `$MLFLOW_TRACKING_URI` names, never to one that only a file in a run folder names.
 - `MAX_BATCH_METRICS`: the most metrics one `log_batch` request may carry.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import urllib.parse
 from pathlib import Path
 
 from nin_dist.errors import TrackingError
@@ -24,6 +27,9 @@ from nin_dist.tracking.redaction import redact_error, redact_uri, secret_values
 
 DEFAULT_DB = "mlflow.db"
 MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit
+# The variables through which MLflow's client attaches credentials to every request it sends.
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                   "MLFLOW_TRACKING_CLIENT_CERT_PATH", "MLFLOW_TRACKING_AUTH", "MLFLOW_TRACKING_AWS_SIGV4")
 
 
 def resolve_uri(configured: str | None) -> tuple[str, str]:
@@ -107,3 +113,27 @@ def probe(uri: str, timeout_s: float) -> bool:
     except TrackingError:
         return False
     return True
+
+
+def _origin(uri: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(uri)
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:  # a port that is not a number
+        port = None
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def check_credentials_target(uri: str, source: str) -> None:
+    """TrackingError unless `uri` (read from `source`, a run folder's file) is the store this environment's
+    credentials are meant for: a tampered run folder must not collect them with a server of its own."""
+    held = [name for name in CREDENTIAL_VARS if os.environ.get(name)]
+    if not held or not is_http(uri):
+        return
+    home = os.environ.get("MLFLOW_TRACKING_URI")
+    if home and _origin(home) == _origin(uri):
+        return
+    meant = f"$MLFLOW_TRACKING_URI={redact_uri(home)}" if home else "a store $MLFLOW_TRACKING_URI does not name"
+    raise TrackingError(f"{source} names the MLflow store {redact_uri(uri)}, but this environment's credentials "
+                        f"({', '.join(held)}) are for {meant}; a run folder may not choose where they go: set "
+                        f"MLFLOW_TRACKING_URI to that store to send its records there")

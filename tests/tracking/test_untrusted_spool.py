@@ -12,20 +12,22 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import mlflow
 import mlflow.pytorch
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, holding
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 from mlflow_runs import TINY, artifact_paths, history
 
-from nin_dist.errors import TrackingError
+from nin_dist.errors import RunDirError, TrackingError
 from nin_dist.model import NiN
 from nin_dist.tracking import sync as sync_spool
 from nin_dist.tracking.saved_model import save_model
@@ -232,6 +234,74 @@ def test_the_cli_says_so_in_one_line(setup):
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("nin-train: error: ") and "run.json" in errors[0], errors
+
+
+class Listener:
+    """A TCP port on 127.0.0.1 that counts the connections made to it (the collector a tampered run.json names)."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self):
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError, OSError):
+                conn, _ = self.sock.accept()
+                self.connections += 1
+                conn.close()
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("home", [None, "http://mlflow.example.org:5000"])
+def test_a_run_json_naming_another_server_gets_no_credentials(setup, monkeypatch, home):
+    collector = Listener()
+    try:
+        setup.spool.append(metrics_record(setup.run_id, 1))
+        setup.spool.meta_path.write_text(json.dumps({"tracking_uri": collector.url}))
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-tracking-pw")
+        if home:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", home)
+        with pytest.raises(TrackingError, match="a run folder may not choose where they go") as raised:
+            sync_spool(setup.run_dir)
+        assert "hunter2" not in str(raised.value)
+        assert collector.connections == 0  # refused before a single connection was opened
+        assert setup.spool.pending() == 1
+    finally:
+        collector.close()
+
+
+def test_the_server_the_environment_names_is_trusted(setup, monkeypatch):
+    collector = Listener()  # it closes every connection: the store "does not answer", after the check passed
+    try:
+        setup.spool.append(metrics_record(setup.run_id, 1))
+        setup.spool.meta_path.write_text(json.dumps({"tracking_uri": collector.url}))
+        monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-3f9a8c1e77")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", collector.url.replace("http://", "HTTP://") + "/")
+        with pytest.raises(TrackingError) as raised:
+            sync_spool(setup.run_dir)
+        assert "may not choose" not in str(raised.value) and "unreachable" in str(raised.value)
+        assert collector.connections >= 1
+    finally:
+        collector.close()
+
+
+def test_a_sync_waits_for_no_one_while_the_run_folder_is_held(setup):
+    setup.spool.append(metrics_record(setup.run_id, 1))
+    with holding(setup.run_dir) as holder:
+        with pytest.raises(RunDirError, match=f"in use by another job \\(pid {holder.pid} "):
+            sync_spool(setup.run_dir)
+    assert setup.spool.pending() == 1
+    assert sync_spool(setup.run_dir) == 0 and setup.spool.pending() == 0  # free again: it goes through
 
 
 # ---- models: sent as their files, never loaded
