@@ -74,7 +74,7 @@ def _fetch_all(raw: Path, missing: list, mirrors: tuple[str, ...], verify) -> No
                 except (DataError, OSError, ValueError) as err:
                     errors.append(f"{url}: {_reason(err, staging / name)}")
                     continue
-                log.info("data: fetched %s (%.1f MB) from %s", name, size / 1e6, mirror)
+                log.info("data: fetched %s (%s bytes) from %s", name, f"{size:,}", mirror)
                 break
             else:
                 raise DataError(f"data.download: could not fetch {name} ({'; '.join(errors)}); "
@@ -83,7 +83,7 @@ def _fetch_all(raw: Path, missing: list, mirrors: tuple[str, ...], verify) -> No
             os.replace(path, raw / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("data: Fashion-MNIST downloaded and verified into %s", raw)
+    log.info("data: Fashion-MNIST downloaded and verified into %s", raw.resolve())
 
 
 def _fetch(url: str, path: Path) -> int:
