@@ -10,6 +10,7 @@ Backend: nccl on CUDA, gloo on the CPU. Reductions say in their names where the 
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -111,7 +112,19 @@ def wrap_ddp(model: nn.Module, info: DistInfo, bucket_cap_mb: float) -> nn.Modul
     # gradient_as_bucket_view: grads alias the buckets, saving one copy per step. Buffers (BatchNorm
     # running stats) are equal on every rank already (CrossRankBatchNorm2d), so no per-step broadcast.
     return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=bucket_cap_mb,
-                                   gradient_as_bucket_view=True, broadcast_buffers=False)
+                                   gradient_as_bucket_view=True, **_no_forward_buffer_sync())
+
+
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP's keyword for "no buffer broadcast before each forward" in this torch.
+
+    torch 2.13 renamed `broadcast_buffers` to `forward_sync_buffers` and warns (FutureWarning, on
+    every rank) when given the old name; 2.11 and 2.12 know only the old one. Unlike the old flag,
+    the new one still broadcasts the buffers once at the wrap: a no-op here, as they are equal.
+    """
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,5 +1,5 @@
-"""launch/: shell scripts that pass bash -n and shellcheck, a PyTorchJob that parses, and local.sh
-actually starting a 2-process job. (launch/multinode.sh runs for real in test_distributed.py.)"""
+"""launch/: shell scripts that pass bash -n and shellcheck, and local.sh actually starting a 2-process job.
+(launch/multinode.sh runs for real in test_distributed.py; the PyTorchJob is checked in test_pytorchjob.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from helpers import REPO, env, overrides, run
 
 LAUNCH = REPO / "launch"
@@ -61,23 +60,6 @@ def test_default_processes_without_a_driver_is_one(tmp_path):
     out = subprocess.run([shutil.which("bash"), "-c", f"source {LAUNCH / 'gpus.sh'}; default_processes"],
                          capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "1"
-
-
-def test_pytorchjob_names_an_elastic_policy():
-    job = yaml.safe_load((LAUNCH / "pytorchjob.yaml").read_text())
-    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
-    policy = job["spec"]["elasticPolicy"]
-    assert policy["rdzvBackend"] == "c10d"
-    assert 1 <= policy["minReplicas"] <= policy["maxReplicas"] and policy["maxRestarts"] >= 1
-    worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
-    assert policy["minReplicas"] <= worker["replicas"] <= policy["maxReplicas"]
-    (container,) = worker["template"]["spec"]["containers"]
-    assert container["name"] == "pytorch"
-    argv = container["command"] + container["args"]
-    # torchrun (torch.distributed.run) reads the operator's PET_* settings and starts the trainer.
-    assert argv[:3] == ["python", "-m", "torch.distributed.run"]
-    assert argv[3:5] == ["-m", "nin_dist.train"] and argv[5:7] == ["--config", "configs/d2l.yaml"]
-    assert (REPO / "configs" / "d2l.yaml").is_file()
 
 
 def test_local_sh_runs_a_two_process_cpu_job(tmp_path):

@@ -1,8 +1,9 @@
 """The run's model: saved into the spool as an MLflow pytorch model, then logged from its files.
 
 `save_model` writes the model with `mlflow.pytorch.save_model` in MLflow's graph format
-(`serialization_format="pt2"`, `torch.export`), with the signature of example -> output and the
-example as input example, pinning its requirements (`model_requirements`).
+(`serialization_format="pt2"`, `torch.export`), its weights in the default memory format, with the
+signature of example -> output and the example as input example, pinning its requirements
+(`model_requirements`).
 
 `log_saved_model` makes that folder the run's model, an MLflow LoggedModel, as
 `mlflow.pytorch.log_model` would: a LoggedModel in the run's experiment with the run's params and
@@ -16,6 +17,7 @@ loads the model as one logged live, with MLflow's own checks for whoever loads i
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,12 +41,26 @@ def save_model(model, example, path: Path) -> None:
     import torch
     from mlflow.models import infer_signature
 
+    model = _in_default_layout(model)
     x = example.detach().cpu().float()
     with torch.no_grad():
         y = model(x)
     mlflow.pytorch.save_model(model, str(path), signature=infer_signature(x.numpy(), y.numpy()),
                               input_example=x.numpy(), pip_requirements=model_requirements(),
                               serialization_format="pt2")
+
+
+def _in_default_layout(model):
+    """A copy of `model` whose weights are in the default (contiguous) memory format.
+
+    torch.export's weight packing looks for a contiguous tensor covering its whole storage, and warns
+    ("No complete tensor found in the group!") for a weight that is not one, as the k x k conv
+    weights of a channels_last model (`train.channels_last`) are not. The saved model is for
+    inference on any machine: its weights go in the default layout; the caller's model keeps its own.
+    """
+    import torch
+
+    return copy.deepcopy(model).to(memory_format=torch.contiguous_format)
 
 
 def read_saved_model(folder: Path):

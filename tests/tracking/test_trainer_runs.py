@@ -1,13 +1,14 @@
 """MLflow tracking through the real trainer: torchrun with 2 gloo processes, a world of one, the CLI.
 
 Each run trains the cpu config on the first 512 / 256 images for one epoch (2 steps) and is read
-back from its sqlite store with MlflowClient.
+back from its sqlite store with MlflowClient. The runs that log a model print no Python warning.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,8 @@ SMOKE = ["data.train_limit=512", "data.test_limit=256", "train.epochs=1", "train
          "train.progress=false", "tracking.system_metrics=false"]
 
 pytestmark = pytest.mark.slow
+# A Python warning as `warnings` prints it: "<file>:<line>: <Category>Warning: <message>".
+WARNING_LINE = re.compile(r"^.+:\d+: \w*Warning: .*$", re.MULTILINE)
 
 
 def train(cwd: Path, *args: str, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -35,11 +38,18 @@ def train(cwd: Path, *args: str, nproc: int = 1, timeout: int = 300) -> subproce
                 if nproc > 1 else [sys.executable])
     env = os.environ | {"NIN_DATA_DIR": str(data_dir())}
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PYTHONWARNINGS", None)  # the default warning filters: what a user sees
     proc = subprocess.run([*launcher, "-m", "nin_dist.train", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"nin-train exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def assert_clean_log(proc: subprocess.CompletedProcess) -> None:
+    """No Python warning in the run's output: nothing a user would have to learn to ignore."""
+    found = WARNING_LINE.findall(proc.stdout + proc.stderr)
+    assert not found, "\n".join(found)
 
 
 def only_run(uri: str):
@@ -52,7 +62,7 @@ def only_run(uri: str):
 def test_torchrun_two_processes_log_one_complete_run(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = [*SMOKE, f"tracking.uri={uri}", "run.name=e2e", f"run.out_dir={tmp_path}/run"]
-    train(tmp_path, "--config", str(REPO / "configs" / "cpu.yaml"), *overrides, nproc=2)
+    assert_clean_log(train(tmp_path, "--config", str(REPO / "configs" / "cpu.yaml"), *overrides, nproc=2))
 
     client, run = only_run(uri)
     run_id = run.info.run_id
@@ -96,9 +106,9 @@ def test_restart_continues_the_same_run(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = ["--config", str(REPO / "configs" / "cpu.yaml"), *SMOKE, f"tracking.uri={uri}", "run.name=again",
               f"run.out_dir={tmp_path}/run"]
-    train(tmp_path, *common, "train.max_steps=1")
+    assert_clean_log(train(tmp_path, *common, "train.max_steps=1"))
     first = json.loads((tmp_path / "run" / "metrics.json").read_text())["mlflow_run_id"]
-    train(tmp_path, *common)
+    assert_clean_log(train(tmp_path, *common))  # the second start resumes
     client, run = only_run(uri)
     assert run.info.run_id == first == json.loads((tmp_path / "run" / "metrics.json").read_text())["mlflow_run_id"]
     assert run.info.status == "FINISHED"
