@@ -16,12 +16,14 @@ from pathlib import Path
 import mlflow
 import mlflow.pytorch
 import pytest
+import torch
 from helpers import data_dir
 from mlflow import MlflowClient
 from mlflow_runs import PREDICTION_FILES
 
 from nin_dist.config import flatten, load_config
 from nin_dist.data import load_split, to_inputs
+from nin_dist.precision import resolve_config
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = ["data.train_limit=512", "data.test_limit=256", "train.epochs=1", "train.batch_size=256",
@@ -67,8 +69,10 @@ def test_torchrun_two_processes_log_one_complete_run(tmp_path):
     client, run = only_run(uri)
     run_id = run.info.run_id
     assert run.info.status == "FINISHED" and run.info.run_name == "e2e"
-    resolved = load_config(REPO / "configs" / "cpu.yaml", [*overrides])
+    # The precision logged is the one the run used: cpu.yaml's `auto` made concrete for this CPU.
+    resolved = resolve_config(load_config(REPO / "configs" / "cpu.yaml", [*overrides]), torch.device("cpu"))
     params = {k: str(v) for k, v in flatten(resolved).items()}
+    assert params["train.precision"] in ("fp32", "bf16")
     params["run.out_dir"] = f"{tmp_path}/run"
     assert run.data.params == params
     tags = run.data.tags
