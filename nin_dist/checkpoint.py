@@ -41,13 +41,14 @@ CONFIG_HASH = "config_hash"
 CONFIG = "config"  # the model-relevant keys, to say which differ on a refused resume
 MLFLOW_RUN_ID = "mlflow_run_id"
 RUN_NAME = "run_name"
-HISTORY = "history"  # the run's evaluations so far (epoch, step, test metrics, wall clock)
+HISTORY = "history"  # the run's evaluations so far (epoch, step, val / test metrics, wall clock)
+EMA = "ema"  # the state_dict of the weights' moving average (train.ema_decay > 0 only)
 
 # What a resume needs, and the type of each entry (the optional ones are checked when present).
 REQUIRED = {MODEL: dict, OPTIMIZER: dict, SCALER: dict, RNG: dict, EPOCH: int, EPOCH_STEP: int, STEP: int,
             CONFIG_HASH: str}
 OPTIONAL = {SCHEDULER: dict, CONFIG: dict, HISTORY: list, MLFLOW_RUN_ID: (str, type(None)),
-            RUN_NAME: (str, type(None))}
+            RUN_NAME: (str, type(None)), EMA: dict}
 
 
 def rng_state() -> dict[str, Any]:

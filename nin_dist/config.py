@@ -4,18 +4,15 @@ A config is built from defaults, then a YAML file (`--config`), then `key=value`
 keys are dotted paths into the tree (`train.epochs=2`, `seed=1`). Values are converted with the
 field's declared type (never `eval`), and every check runs before any work: an unknown key names
 the closest valid one, a wrong type names the expected type, an impossible value names what is
-allowed. All raise `ConfigError` (exit code 2).
+allowed. All raise `ConfigError` (exit code 2). The reading and converting is `nin_dist.typed_yaml`;
+what each key means and allows is here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
-import math
-import reprlib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +20,9 @@ from typing import Any
 import yaml
 
 from nin_dist.download import is_mirror_url
-from nin_dist.errors import ConfigError, first_line
+from nin_dist.errors import ConfigError
 from nin_dist.shapes import parameter_count, smallest_input_size
+from nin_dist.typed_yaml import leaf_keys, load_tree, require
 
 # Upper bounds: above them a value overflows an int64 or a C int further down, or only exhausts the machine.
 TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000  # Fashion-MNIST's splits (nin_dist.data verifies the counts)
@@ -42,16 +40,9 @@ MAX_EPOCHS = 10**6  # 6e10 images of Fashion-MNIST: beyond any run
 MAX_STEPS = 10**12  # optimizer steps (and step intervals): keeps step counters far inside int64
 MAX_THREADS = 1024  # torch intra-op threads: above any machine's cores; torch itself takes a C int
 MAX_BUCKET_MB = 65536.0  # DDP bucket, MiB: larger than the gradients of the largest model allowed
+# A shift of half the 28-pixel image each way already moves most of a garment out of the frame.
+MAX_TRANSLATE = 14
 MAX_TIMEOUT_S = 3600.0  # one tracking call; longer waits stall the run, and the sender's guard is 6x this
-
-_show = reprlib.Repr()  # values in messages: short and on one line, however large or nested
-_show.maxstring, _show.maxother, _show.maxlist, _show.maxdict, _show.maxlevel = 60, 60, 4, 4, 2
-
-
-def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={_show.repr(value)} is not allowed: {allowed}")
-
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -60,18 +51,27 @@ class DataConfig:
     mirror: str | None = None  # base URL of the four .gz files; None = torchvision's mirror, then upstream's
     resize: int = 224  # side of the square image fed to the network, pixels
     normalize: bool = False  # subtract the train mean / divide by std (the seed does not)
-    flip: bool = False  # random horizontal flip of training images
+    flip: bool = False  # random horizontal flip of training images (with or without data.augment)
+    # Held out of the training split (stratified by class, chosen by the seed) and scored every epoch;
+    # 0 = none, and the test split is scored every epoch instead.
+    val_size: int = 0  # images
+    augment: bool = False  # random translate and erasing of training images, as the two keys below say
+    translate: int = 2  # with data.augment: shift by up to this many pixels each way, zero padding; 0 = off
+    erase: float = 0.0  # with data.augment: probability of erasing a random rectangle of an image; 0 = off
     train_limit: int | None = None  # use only the first N training images (smoke runs)
     test_limit: int | None = None  # use only the first N test images (smoke runs)
 
     def __post_init__(self):
-        _require(1 <= self.resize <= MAX_RESIZE, "data.resize", f"1 to {MAX_RESIZE} pixels", self.resize)
-        _require(self.mirror is None or is_mirror_url(self.mirror), "data.mirror",
+        require(1 <= self.resize <= MAX_RESIZE, "data.resize", f"1 to {MAX_RESIZE} pixels", self.resize)
+        require(self.mirror is None or is_mirror_url(self.mirror), "data.mirror",
                  "null or an http(s) or file URL of the folder holding the four .gz files", self.mirror)
         for name, size in (("train_limit", TRAIN_IMAGES), ("test_limit", TEST_IMAGES)):
             value = getattr(self, name)
-            _require(value is None or 1 <= value <= size, f"data.{name}",
+            require(value is None or 1 <= value <= size, f"data.{name}",
                      f"null or a count from 1 to {size} (the split's size)", value)
+        require(0 <= self.translate <= MAX_TRANSLATE, "data.translate", f"0 to {MAX_TRANSLATE} pixels (of the "
+                f"28-pixel image)", self.translate)
+        require(0.0 <= self.erase <= 1.0, "data.erase", "a probability in [0, 1]", self.erase)
 
 
 @dataclass(frozen=True)
@@ -94,19 +94,19 @@ class ModelConfig:
         return self.stem_kernel, self.stem_stride, self.stem_padding
 
     def __post_init__(self):
-        _require(0 < self.width <= MAX_WIDTH, "model.width", f"a positive multiplier up to {MAX_WIDTH:g}",
+        require(0 < self.width <= MAX_WIDTH, "model.width", f"a positive multiplier up to {MAX_WIDTH:g}",
                  self.width)
-        _require(0.0 <= self.dropout < 1.0, "model.dropout", "a probability in [0, 1)", self.dropout)
-        _require(self.kernel in ("auto", "triton", "torch"), "model.kernel", "auto, triton or torch", self.kernel)
-        _require(1 <= self.stem_kernel <= MAX_RESIZE, "model.stem_kernel", f"a kernel size from 1 to {MAX_RESIZE}",
+        require(0.0 <= self.dropout < 1.0, "model.dropout", "a probability in [0, 1)", self.dropout)
+        require(self.kernel in ("auto", "triton", "torch"), "model.kernel", "auto, triton or torch", self.kernel)
+        require(1 <= self.stem_kernel <= MAX_RESIZE, "model.stem_kernel", f"a kernel size from 1 to {MAX_RESIZE}",
                  self.stem_kernel)
-        _require(1 <= self.stem_stride <= MAX_RESIZE, "model.stem_stride", f"a stride from 1 to {MAX_RESIZE}",
+        require(1 <= self.stem_stride <= MAX_RESIZE, "model.stem_stride", f"a stride from 1 to {MAX_RESIZE}",
                  self.stem_stride)
         # Padding as wide as the kernel gives border outputs that see nothing but zeros.
-        _require(0 <= self.stem_padding < self.stem_kernel, "model.stem_padding",
+        require(0 <= self.stem_padding < self.stem_kernel, "model.stem_padding",
                  f"0 to model.stem_kernel - 1 = {self.stem_kernel - 1} pixels", self.stem_padding)
         count = parameter_count(self.width, self.stem_kernel, self.batchnorm)
-        _require(count <= MAX_PARAMETERS, "model.width", f"a network of at most {MAX_PARAMETERS:.0e} parameters "
+        require(count <= MAX_PARAMETERS, "model.width", f"a network of at most {MAX_PARAMETERS:.0e} parameters "
                  f"(this one, with model.stem_kernel={self.stem_kernel}, has {count:.2e})", self.width)
 
 
@@ -122,16 +122,16 @@ class OptimConfig:
     grad_clip: float = 0.0  # max global grad norm; 0 = off
 
     def __post_init__(self):
-        _require(self.lr > 0, "optim.lr", "a positive learning rate", self.lr)
-        _require(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
-        _require(not self.nesterov or self.momentum > 0, "optim.nesterov",
+        require(self.lr > 0, "optim.lr", "a positive learning rate", self.lr)
+        require(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
+        require(not self.nesterov or self.momentum > 0, "optim.nesterov",
                  "true only with optim.momentum > 0", self.nesterov)
-        _require(self.weight_decay >= 0, "optim.weight_decay", "zero or more", self.weight_decay)
-        _require(self.schedule in ("constant", "onecycle", "cosine"), "optim.schedule",
+        require(self.weight_decay >= 0, "optim.weight_decay", "zero or more", self.weight_decay)
+        require(self.schedule in ("constant", "onecycle", "cosine"), "optim.schedule",
                  "constant, onecycle or cosine", self.schedule)
-        _require(self.warmup_epochs >= 0, "optim.warmup_epochs", "zero or more epochs", self.warmup_epochs)
-        _require(0 <= self.label_smoothing < 1, "optim.label_smoothing", "in [0, 1)", self.label_smoothing)
-        _require(self.grad_clip >= 0, "optim.grad_clip", "zero (off) or a positive norm", self.grad_clip)
+        require(self.warmup_epochs >= 0, "optim.warmup_epochs", "zero or more epochs", self.warmup_epochs)
+        require(0 <= self.label_smoothing < 1, "optim.label_smoothing", "in [0, 1)", self.label_smoothing)
+        require(self.grad_clip >= 0, "optim.grad_clip", "zero (off) or a positive norm", self.grad_clip)
 
 
 @dataclass(frozen=True)
@@ -149,26 +149,30 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
     bucket_cap_mb: float = 25.0  # DDP gradient bucket size, MiB
     progress: bool = True  # tqdm bar on rank 0
+    ema_decay: float = 0.0  # exponential moving average of the weights, evaluated and logged; 0 = off
+    tta: bool = False  # evaluation averages the class probabilities of each image and its mirror
+    eval_test_every_epoch: bool = False  # with data.val_size: score test every epoch too, not only at the end
 
     def __post_init__(self):
-        _require(1 <= self.epochs <= MAX_EPOCHS, "train.epochs", f"at least 1 (at most {MAX_EPOCHS})", self.epochs)
+        require(1 <= self.epochs <= MAX_EPOCHS, "train.epochs", f"at least 1 (at most {MAX_EPOCHS})", self.epochs)
         # The upper bound of train.batch_size is the training split, checked with data.train_limit (Config).
-        _require(self.batch_size >= 1, "train.batch_size", "a positive global batch", self.batch_size)
-        _require(1 <= self.eval_batch_size <= TRAIN_IMAGES, "train.eval_batch_size",
+        require(self.batch_size >= 1, "train.batch_size", "a positive global batch", self.batch_size)
+        require(1 <= self.eval_batch_size <= TRAIN_IMAGES, "train.eval_batch_size",
                  f"a batch from 1 to {TRAIN_IMAGES} (the larger split)", self.eval_batch_size)
-        _require(self.max_steps is None or 1 <= self.max_steps <= MAX_STEPS, "train.max_steps",
+        require(self.max_steps is None or 1 <= self.max_steps <= MAX_STEPS, "train.max_steps",
                  f"null or 1 to {MAX_STEPS:.0e}", self.max_steps)
-        _require(self.precision in ("fp32", "bf16", "fp16", "fp64", "auto"), "train.precision",
+        require(self.precision in ("fp32", "bf16", "fp16", "fp64", "auto"), "train.precision",
                  "fp32, bf16, fp16, fp64 or auto", self.precision)
-        _require(self.device in ("auto", "cpu", "cuda"), "train.device", "auto, cpu or cuda", self.device)
-        _require(self.threads is None or 1 <= self.threads <= MAX_THREADS, "train.threads",
+        require(self.device in ("auto", "cpu", "cuda"), "train.device", "auto, cpu or cuda", self.device)
+        require(self.threads is None or 1 <= self.threads <= MAX_THREADS, "train.threads",
                  f"null or 1 to {MAX_THREADS}", self.threads)
-        _require(1 <= self.log_every <= MAX_STEPS, "train.log_every", f"at least 1 (at most {MAX_STEPS:.0e})",
+        require(1 <= self.log_every <= MAX_STEPS, "train.log_every", f"at least 1 (at most {MAX_STEPS:.0e})",
                  self.log_every)
-        _require(0 <= self.checkpoint_every <= MAX_STEPS, "train.checkpoint_every",
+        require(0 <= self.checkpoint_every <= MAX_STEPS, "train.checkpoint_every",
                  f"0 (epoch ends) or a step count up to {MAX_STEPS:.0e}", self.checkpoint_every)
-        _require(0 < self.bucket_cap_mb <= MAX_BUCKET_MB, "train.bucket_cap_mb",
+        require(0 < self.bucket_cap_mb <= MAX_BUCKET_MB, "train.bucket_cap_mb",
                  f"a positive size in MiB up to {MAX_BUCKET_MB:g}", self.bucket_cap_mb)
+        require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "in [0, 1) (0 = off)", self.ema_decay)
 
 
 @dataclass(frozen=True)
@@ -181,8 +185,8 @@ class TrackingConfig:
     timeout_s: float = 10.0  # how long one tracking call may take before it is spooled
 
     def __post_init__(self):
-        _require(bool(self.experiment.strip()), "tracking.experiment", "a non-empty name", self.experiment)
-        _require(0 < self.timeout_s <= MAX_TIMEOUT_S, "tracking.timeout_s",
+        require(bool(self.experiment.strip()), "tracking.experiment", "a non-empty name", self.experiment)
+        require(0 < self.timeout_s <= MAX_TIMEOUT_S, "tracking.timeout_s",
                  f"a positive number of seconds up to {MAX_TIMEOUT_S:g}", self.timeout_s)
 
 
@@ -205,7 +209,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
-        _require(0 <= self.seed < SEED_LIMIT, "seed", f"an integer from 0 to 2**{SEED_LIMIT.bit_length() - 1} - 1",
+        require(0 <= self.seed < SEED_LIMIT, "seed", f"an integer from 0 to 2**{SEED_LIMIT.bit_length() - 1} - 1",
                  self.seed)
         smallest = smallest_input_size(self.model.stem, MAX_RESIZE)
         if self.data.resize < smallest:
@@ -215,184 +219,26 @@ class Config:
                 f"model.stem_stride={self.model.stem_stride}, model.stem_padding="
                 f"{self.model.stem_padding} is {smallest}")
         images = self.data.train_limit or TRAIN_IMAGES
-        if self.train.batch_size > images:
-            where = f"data.train_limit={images}" if self.data.train_limit else "the training split"
-            raise ConfigError(f"train.batch_size={self.train.batch_size} is larger than the {images} training "
-                              f"images ({where}); it is the global batch")
-        _require(self.optim.warmup_epochs <= self.train.epochs, "optim.warmup_epochs",
+        where = f"data.train_limit={images}" if self.data.train_limit else "the training split"
+        require(0 <= self.data.val_size < images, "data.val_size",
+                f"0 to {images - 1} images (fewer than the {images} of {where})", self.data.val_size)
+        trained = images - self.data.val_size
+        if self.train.batch_size > trained:
+            held = f" less data.val_size={self.data.val_size}" if self.data.val_size else ""
+            raise ConfigError(f"train.batch_size={self.train.batch_size} is larger than the {trained} training "
+                              f"images ({where}{held}); it is the global batch")
+        require(self.optim.warmup_epochs <= self.train.epochs, "optim.warmup_epochs",
                  f"at most train.epochs={self.train.epochs} (the warmup is part of the run)", self.optim.warmup_epochs)
 
 
-# --------------------------------------------------------------------------- building and parsing
-
-def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _type_name(tp) -> str:
-    args = typing.get_args(tp)
-    if type(None) in args:
-        inner = [a for a in args if a is not type(None)][0]
-        return f"{inner.__name__} or null"
-    return tp.__name__
-
-
-def _convert(key: str, value: Any, tp) -> Any:
-    """Convert a YAML value or a command-line string to the field's type, or raise ConfigError."""
-    args = typing.get_args(tp)
-    optional = type(None) in args
-    base = [a for a in args if a is not type(None)][0] if optional else tp
-    if isinstance(value, str) and value.strip().lower() in ("null", "none", "~"):
-        value = None
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{key} cannot be null: expected {_type_name(tp)}")
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-            return value.strip().lower() in ("true", "yes", "1", "on")
-    elif base is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip().replace("_", ""))
-            except ValueError:
-                pass
-    elif base is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            number = float(value)
-        except ValueError:  # not a number: the wrong type (below)
-            number = None
-        except OverflowError:  # an integer beyond the float range
-            number = math.inf
-        if number is not None:
-            _require(math.isfinite(number), key, "a finite number", value)
-            return number
-    elif base is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        if isinstance(value, str):
-            return _check_text(key, value)
-    raise ConfigError(f"{key}={_show.repr(value)} has the wrong type: expected {_type_name(tp)}")
-
-
-def _check_text(key: str, value: str) -> str:
-    """A string field's value, if paths, URIs and names can hold it (no NUL, encodable for the OS)."""
-    try:
-        ok = "\0" not in value and value.encode("utf-8", "surrogateescape") is not None
-    except UnicodeEncodeError:
-        ok = False
-    _require(ok, key, "text without NUL characters or unpaired surrogates", value)
-    return value
-
-
-def _name(text: str) -> str:
-    """A key or path as typed when it prints on one line, else its (shortened) repr."""
-    return text if text.isprintable() and len(text) <= 100 else _show.repr(text)
-
-
-def _unknown_key(key: str, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
-    return ConfigError(f"unknown config key {_name(key)}{hint}")
-
-
-def all_keys(cls=None, prefix: str = "") -> list[str]:
+def all_keys() -> list[str]:
     """Every dotted leaf key of the config tree, e.g. 'train.epochs'."""
-    cls = cls or Config
-    keys = []
-    for name, tp in _field_types(cls).items():
-        if dataclasses.is_dataclass(tp):
-            keys += all_keys(tp, f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
-
-
-def _build(cls, values: dict, prefix: str = ""):
-    types_ = _field_types(cls)
-    for name in values:
-        if not isinstance(name, str):
-            where = f" in section {prefix[:-1]}" if prefix else ""
-            raise ConfigError(f"config key {_show.repr(name)}{where} is not a name ({type(name).__name__}): "
-                              f"keys are names such as train or epochs")
-        if name not in types_:
-            raise _unknown_key(prefix + name, all_keys())
-    kwargs = {}
-    for name, tp in types_.items():
-        if name not in values:
-            continue
-        if dataclasses.is_dataclass(tp):
-            section = {} if values[name] is None else values[name]  # None: `train:`, every key commented out
-            if not isinstance(section, dict):
-                raise ConfigError(f"{prefix}{name} must be a mapping of keys, not {type(section).__name__} "
-                                  f"{_show.repr(section)}")
-            kwargs[name] = _build(tp, section, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _convert(prefix + name, values[name], tp)
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict, key: str, raw: str) -> None:
-    valid = all_keys()
-    if key not in valid:
-        raise _unknown_key(key, valid)
-    node = tree
-    *parents, leaf = key.split(".")
-    for part in parents:
-        if node.get(part) is None:
-            node[part] = {}
-        node = node[part]
-        if not isinstance(node, dict):
-            raise ConfigError(f"{key}: {part} is not a section")
-    node[leaf] = raw
-
-
-def _read_yaml(path: str | Path) -> dict:
-    """The mapping a `--config` file holds, or ConfigError naming the file and what is wrong with it."""
-    path = Path(path)
-    where = f"--config {_name(str(path))}"
-    if path.is_dir():
-        raise ConfigError(f"{where}: is a folder, not a YAML file")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: no such file") from None
-    except (OSError, ValueError) as err:  # ValueError: a NUL in the path
-        raise ConfigError(f"{where}: cannot read it ({getattr(err, 'strerror', None) or first_line(err)})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
-    try:
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: not valid YAML ({first_line(err)})") from None
-    except (ValueError, OverflowError, RecursionError) as err:  # e.g. a date 2020-13-01, a 5000-digit int
-        raise ConfigError(f"{where}: YAML holds a value that cannot be read ({first_line(err)})") from None
-    tree = {} if tree is None else tree  # an empty file, or comments only
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{where}: expected a mapping of config keys at the top level, not "
-                          f"{type(tree).__name__} {_show.repr(tree)}")
-    return tree
+    return leaf_keys(Config)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults <- YAML file <- `key=value` overrides; validated before returning."""
-    tree = _read_yaml(path) if path is not None else {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {_show.repr(item)} is not key=value (e.g. train.epochs=2)")
-        _set_dotted(tree, key.strip(), raw)
-    try:
-        return _build(Config, tree)
-    except TypeError as err:  # a dataclass rejected its arguments: a bug, not user input
-        raise RuntimeError(f"config construction failed: {err}") from err
+    return load_tree(Config, path, overrides)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -420,7 +266,8 @@ def dump_yaml(cfg: Config) -> str:
 
 # Keys that change how a run computes but not what it computes; a resume may change them freely.
 _RESUMABLE_KEYS = ("train.max_steps", "train.progress", "train.log_every",
-                   "train.checkpoint_every", "train.threads", "tracking.", "run.", "data.root",
+                   "train.checkpoint_every", "train.threads", "train.tta", "train.eval_test_every_epoch",
+                   "tracking.", "run.", "data.root",
                    "data.download", "data.mirror", "model.kernel", "train.compile", "train.bucket_cap_mb")
 
 

@@ -3,14 +3,17 @@
 Where the data is: `data.root` when set (downloaded there if missing); else the first of `$NIN_DATA_DIR`,
 `./data` and `/usr/share/datasets/fashion-mnist` (Debian's `dataset-fashion-mnist`) that holds the
 files; else a download into `./data`. Downloads come from `data.mirror` (default: torchvision's mirror,
-then upstream's) and `data.download=false` turns them off (`nin_dist.download`). A root holds `FashionMNIST/raw/*-ubyte.gz` (torchvision's layout) or
-the four files directly, compressed or not. The `.gz` files are read in place and nothing but a
-download is ever written into a root (it may be read-only). Every file is verified: gzip integrity,
-size, IDX magic number, dimensions and the SHA-256 of the uncompressed bytes.
+then upstream's) and `data.download=false` turns them off (`nin_dist.download`). A root holds
+`FashionMNIST/raw/*-ubyte.gz` (torchvision's layout) or the four files directly, compressed or not.
+The `.gz` files are read in place and nothing but a download is ever written into a root (it may be
+read-only). Every file is verified: gzip integrity, size, IDX magic number, dimensions and the
+SHA-256 of the uncompressed bytes.
 
 A split lives on the device as one uint8 tensor (60,000 x 28 x 28 = 47 MB). Each batch is gathered,
-scaled to [0, 1], optionally flipped and normalised, and resized on that device in one batched call.
-Ranks share one permutation per (seed, epoch): each takes its slice of every global batch.
+scaled to [0, 1], optionally augmented (`nin_dist.augment`), flipped and normalised, and resized on
+that device in batched calls. Ranks share one permutation per (seed, epoch): each takes its slice of
+every global batch. `data.val_size` images of the training split, stratified by class and chosen by
+the seed, are held out as a validation split (`hold_out`) before any batch is made.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nin_dist import augment
 from nin_dist.config import DataConfig
 from nin_dist.download import DEBIAN_HINT, DEFAULT_MIRRORS, download, raw_folder
 from nin_dist.errors import DataError
@@ -159,6 +163,7 @@ class Split:
     images: torch.Tensor
     labels: torch.Tensor
     files: tuple[Path, Path]
+    part: str | None = None  # a part of the split that is not its first N images: "train" or "val" of hold_out
 
     def __len__(self) -> int:
         return self.labels.numel()
@@ -173,10 +178,12 @@ class Split:
     def dataset_name(self) -> str:
         """`fashion-mnist-test`, or `fashion-mnist-test[:50]` for the first 50 images only."""
         full = FILES[(self.name, "images")].count
+        if self.part is not None:  # e.g. fashion-mnist-train/val(5000): held out, not a prefix
+            return f"fashion-mnist-{self.name}/{self.part}({len(self)})"
         return f"fashion-mnist-{self.name}" + ("" if len(self) == full else f"[:{len(self)}]")
 
     def to(self, device: torch.device) -> Split:
-        return Split(self.name, self.images.to(device), self.labels.to(device), self.files)
+        return Split(self.name, self.images.to(device), self.labels.to(device), self.files, self.part)
 
 
 def load_split(root: Path, split: str, limit: int | None = None) -> Split:
@@ -216,14 +223,56 @@ def load_datasets(cfg: DataConfig) -> tuple[Split, Split]:
     return splits
 
 
+def validation_indices(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Sorted indices of `size` images stratified by class, chosen by `seed`.
+
+    Class c of n_c images (of n) gets floor(size * n_c / n) places, and the places left go one each
+    to the classes with the largest remainders (the lower class first on a tie): integer arithmetic,
+    the same on every rank and machine. Which images of a class are held out is a permutation drawn
+    from a generator of the seed alone."""
+    labels = labels.cpu()
+    counts = labels.bincount(minlength=len(CLASSES)).tolist()
+    quota = [size * n // len(labels) for n in counts]
+    remainders = sorted(range(len(counts)), key=lambda c: (-(size * counts[c] % len(labels)), c))
+    for c in remainders[: size - sum(quota)]:
+        quota[c] += 1
+    gen = torch.Generator().manual_seed((seed * 0x2545F491 + 0x5851F42D) % 2**63)  # apart from the other streams
+    chosen = []
+    for c, count in enumerate(quota):
+        members = (labels == c).nonzero().flatten()
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:count]])
+    return torch.cat(chosen).sort().values
+
+
+def hold_out(split: Split, size: int, seed: int) -> tuple[Split, Split | None]:
+    """(the images trained on, the `size` held out for validation); (split, None) when size is 0."""
+    if size == 0:
+        return split, None
+    held = validation_indices(split.labels, size, seed)
+    keep = torch.ones(len(split), dtype=torch.bool)
+    keep[held] = False
+    kept = keep.nonzero().flatten()
+
+    def part(index: torch.Tensor, name: str) -> Split:
+        return Split(split.name, split.images[index], split.labels[index], split.files, name)
+
+    digest = hashlib.sha256(held.numpy().tobytes()).hexdigest()[:16]
+    log.info("data: %d training images held out for validation (stratified by class, seed %d; indices %s)",
+             size, seed, digest)
+    return part(kept, "train"), part(held, "val")
+
+
 # --------------------------------------------------------------------------- batches on the device
 
-def to_inputs(images: torch.Tensor, cfg: DataConfig, flip: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 [B, 28, 28] -> float [B, 1, R, R] on the same device: scale, flip, normalise, resize.
+def to_inputs(images: torch.Tensor, cfg: DataConfig, flip: torch.Tensor | None = None,
+              draws: augment.Draws | None = None) -> torch.Tensor:
+    """uint8 [B, 28, 28] -> float [B, 1, R, R] on the same device: scale, augment, flip, normalise, resize.
 
     Everything but the resize works on the 28 x 28 images: flipping and the per-pixel affine commute
     with a bilinear resize whose weights sum to one, so they cost 1/64 of the work at R = 224.
     """
+    if draws is not None:  # on the uint8 pixels: a quarter of the bytes, and 0 stays 0 once scaled
+        images = augment.apply(images, draws, cfg)
     x = images.float().div_(255.0)
     if flip is not None:
         x = torch.where(flip.view(-1, 1, 1), x.flip(-1), x)
@@ -268,11 +317,14 @@ class TrainBatches:
         device = self.split.images.device
         order = order.to(device)
         flips = flips.to(device) if flips is not None else None
+        draws = augment.draw(self.cfg, len(self.split), IMAGE_SIDE, self.seed, epoch, device) \
+            if self.cfg.augment else None
         for step in range(start_step, self.steps_per_epoch):
             lo = step * self.global_batch + self.rank * self.local_batch
             idx = order[lo: lo + self.local_batch]
             flip = flips[lo: lo + self.local_batch] if flips is not None else None
-            yield to_inputs(self.split.images[idx], self.cfg, flip), self.split.labels[idx]
+            rows = draws.rows(lo, lo + self.local_batch) if draws is not None else None
+            yield to_inputs(self.split.images[idx], self.cfg, flip, rows), self.split.labels[idx]
 
 
 def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -1,8 +1,17 @@
 """Exact evaluation over all ranks: each rank scores its own shard, the sums are reduced, and every
-image counts once however many ranks there are (10,000 test images over 3 ranks included)."""
+image counts once however many ranks there are (10,000 test images over 3 ranks included).
+
+With `train.tta` each image is scored with its mirror image too, and the prediction is the mean of
+the two class-probability vectors: an ensemble of two views. The probabilities are averaged rather
+than the logits because the mean of two distributions is a distribution each view agrees to in
+part, and its log loss is the loss of a prediction the model actually makes; averaging logits
+multiplies the two distributions (a normalised geometric mean), which is sharper than either view
+where they agree and lets one confidently wrong view outvote a hesitant right one.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +26,7 @@ from nin_dist.precision import autocast, prepare
 
 @dataclass(frozen=True)
 class Evaluation:
-    loss: float  # mean cross-entropy (no label smoothing), over every image of the split
+    loss: float  # mean cross-entropy (no label smoothing) of the (TTA-averaged) probabilities, over the split
     acc: float
     count: int  # images scored, over all ranks
     predictions: torch.Tensor | None  # [count] predicted classes on every rank, when asked for
@@ -31,16 +40,26 @@ def evaluate(model: torch.nn.Module, split: Split, data: DataConfig, train: Trai
     sums = torch.zeros(3, device=info.device, dtype=torch.float64)  # loss sum, correct, images
     preds = torch.zeros(len(split), device=info.device, dtype=torch.long) if with_predictions else None
     for inputs, labels, index in eval_batches(split, data, train.eval_batch_size, info.rank, info.world_size):
-        with autocast(train, info.device):
-            logits = model(prepare(inputs, train)).float()
-        sums[0] += F.cross_entropy(logits, labels, reduction="sum")
-        sums[1] += (logits.argmax(1) == labels).sum()
+        log_p = log_probabilities(model, prepare(inputs, train), train, info.device)
+        sums[0] += F.nll_loss(log_p, labels, reduction="sum")  # cross-entropy: log_p is a log_softmax
+        sums[1] += (log_p.argmax(1) == labels).sum()
         sums[2] += labels.numel()
         if preds is not None:
-            preds[index.to(info.device)] = logits.argmax(1)
+            preds[index.to(info.device)] = log_p.argmax(1)
     distributed.all_reduce_sum_(sums)
     if preds is not None:
         distributed.all_reduce_sum_(preds)  # every other rank holds zeros at this rank's indices
     loss, correct, count = sums.tolist()
     model.train()
     return Evaluation(loss / count, correct / count, int(count), preds)
+
+
+def log_probabilities(model: torch.nn.Module, inputs: torch.Tensor, train: TrainConfig,
+                      device: torch.device) -> torch.Tensor:
+    """[B, classes] log class probabilities (fp32); with train.tta, of the mean over each image and its mirror."""
+    with autocast(train, device):
+        log_p = F.log_softmax(model(inputs).float(), 1)
+        if not train.tta:
+            return log_p
+        mirrored = F.log_softmax(model(inputs.flip(-1)).float(), 1)
+    return torch.logaddexp(log_p, mirrored) - math.log(2)  # log((p + p') / 2), without leaving log space

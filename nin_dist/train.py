@@ -28,51 +28,28 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from nin_dist import checkpoint as ckpt
 from nin_dist import distributed, precision
 from nin_dist.config import Config, config_hash, load_config, model_relevant
-from nin_dist.data import TrainBatches, load_datasets, to_inputs
+from nin_dist.data import TrainBatches, hold_out, load_datasets, to_inputs
 from nin_dist.distributed import DistInfo
+from nin_dist.ema import WeightEMA
 from nin_dist.errors import CheckpointError, ConfigError, DivergedError, UserError, first_line, report
-from nin_dist.evaluate import evaluate
 from nin_dist.layers import dropout_seed
 from nin_dist.logs import init_logging
 from nin_dist.model import build_model
 from nin_dist.optim import apply_hyperparameters, build_optimizer, build_scheduler, state_is_finite
 from nin_dist.perf import mfu
-from nin_dist.precision import autocast, check_device, memory_format, param_dtype, prepare
+from nin_dist.precision import check_device, memory_format, param_dtype, prepare
 from nin_dist.run_dir import RunDir, open_run_dir, resolve_run
+from nin_dist.scoring import Scorer
+from nin_dist.step import accumulate, train_step
 from nin_dist.tracking import make_tracker, sync
 
 log = logging.getLogger("nin_dist.train")
-
-
-def train_step(model, inputs, labels, opt, scaler, scheduler, cfg: Config, device: torch.device):
-    """One optimizer step on this rank's slice of the global batch; returns (loss, logits), no sync."""
-    opt.zero_grad(set_to_none=True)
-    with autocast(cfg.train, device):
-        logits = model(inputs)
-        loss = F.cross_entropy(logits, labels, label_smoothing=cfg.optim.label_smoothing)
-    scaler.scale(loss).backward()  # DDP averages the gradients over ranks while this runs
-    if cfg.optim.grad_clip > 0:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-    scaler.step(opt)
-    scaler.update()
-    scheduler.step()
-    return loss.detach(), logits.detach()
-
-
-def accumulate(sums: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-    """sums += (loss sum, correct, images) on the device; Python scalars only, so no host sync."""
-    n = labels.numel()
-    sums[0] += loss.double() * n
-    sums[1] += (logits.argmax(1) == labels).sum()
-    sums[2] += n
 
 
 class Trainer:
@@ -82,12 +59,17 @@ class Trainer:
         self.cfg, self.info, self.run_dir = cfg, info, run_dir  # run_dir: made and locked already
         self.started = time.perf_counter()
         torch.manual_seed(cfg.seed)
-        self.train_split, self.test_split = (s.to(info.device) for s in load_datasets(cfg.data))
+        train, test = load_datasets(cfg.data)
+        train, val = hold_out(train, cfg.data.val_size, cfg.seed)
+        self.train_split, self.test_split = train.to(info.device), test.to(info.device)
+        self.val_split = val.to(info.device) if val is not None else None
+        self.scorer = Scorer(self.val_split, self.test_split, cfg, info)
         self.batches = TrainBatches(self.train_split, cfg.data, cfg.train.batch_size, info.rank, info.world_size,
                                     cfg.seed)
         self.raw_model = build_model(cfg.model, info.device).to(dtype=param_dtype(cfg.train),
                                                                  memory_format=memory_format(cfg.train))
         self.opt = build_optimizer(self.raw_model, cfg.optim)
+        self.ema = WeightEMA(self.raw_model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16")
         self.checkpointer = ckpt.Checkpointer(self.run_dir.path, info)
         self.digest = config_hash(cfg)
@@ -118,6 +100,8 @@ class Trainer:
             self.opt.load_state_dict(state[ckpt.OPTIMIZER])
             self.scaler.load_state_dict(state[ckpt.SCALER])
             ckpt.set_rng_state(state[ckpt.RNG])
+            if self.ema is not None:  # a checkpoint of a run without it: the average starts here
+                self.ema.load_state_dict(state.get(ckpt.EMA) or self.raw_model.state_dict())
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:  # e.g. another model.width
             raise CheckpointError(f"{path} does not fit this model ({first_line(err)}); use another run.out_dir "
                                   f"or run.resume=false") from None
@@ -145,6 +129,8 @@ class Trainer:
                                                 seed=dropout_seed(cfg.seed, self.step))
                 loss, logits = train_step(self.model, prepare(inputs, cfg.train), labels, self.opt, self.scaler,
                                           self.scheduler, cfg, info.device)
+                if self.ema is not None:
+                    self.ema.update(self.raw_model, self.step)  # self.step: the updates before this one
                 accumulate(sums, loss, logits, labels)
                 self.step, self.epoch_step, images = self.step + 1, self.epoch_step + 1, images + batches.global_batch
                 bar.update(1)
@@ -162,11 +148,15 @@ class Trainer:
             self.save()
         bar.close()
         if not results:  # resumed from a checkpoint of a finished run (e.g. a restart after the last save)
-            final = evaluate(self.raw_model, self.test_split, cfg.data, cfg.train, info, with_predictions=True)
-            results, predictions = {"test/loss": final.loss, "test/acc": final.acc}, final.predictions
-            log.info("nothing left to train at epoch %d, step %d | test loss %.4f acc %.4f (%d images)",
-                     self.epoch, self.step, final.loss, final.acc, final.count)
+            scores = self.scorer.score(self.evaluated, last=True)
+            results, predictions = scores.metrics(), scores.predictions
+            log.info("nothing left to train at epoch %d, step %d | %s", self.epoch, self.step, scores.summary())
         return self._finish(results, predictions)
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The model that is scored and logged: the average of the weights with train.ema_decay, else the model."""
+        return self.ema.module if self.ema is not None else self.raw_model
 
     def _log_loss(self, loss: torch.Tensor, bar, img_per_s: float) -> None:
         # The one host sync between logs: the loss value.
@@ -176,36 +166,37 @@ class Trainer:
         self.tracker.log_metrics({"train/loss": loss_value, "train/lr": self.scheduler.get_last_lr()[0]}, self.step)
 
     def _end_epoch(self, sums: torch.Tensor, images: int, seconds: float, last: bool):
-        """Reduce the epoch's train sums, evaluate (with predictions at the end), log; returns the metrics."""
+        """Reduce the epoch's train sums, score val / test (test predictions at the end), log; returns the metrics."""
         cfg = self.cfg
         loss_sum, correct, count = distributed.all_reduce_sum_(sums).tolist()
         count = max(1.0, count)
         self._check_finite(loss_sum)
-        test = evaluate(self.raw_model, self.test_split, cfg.data, cfg.train, self.info, with_predictions=last)
+        scores = self.scorer.score(self.evaluated, last)
         img_s = images / seconds
-        results = {"train/epoch_loss": loss_sum / count, "train/acc": correct / count, "test/loss": test.loss,
-                   "test/acc": test.acc, "perf/img_per_s": img_s, "perf/epoch_s": seconds,
+        results = {"train/epoch_loss": loss_sum / count, "train/acc": correct / count, **scores.metrics(),
+                   "perf/img_per_s": img_s, "perf/epoch_s": seconds,
                    "perf/mfu": mfu(img_s, cfg, self.info.device, self.info.world_size)}
-        log.info("epoch %d/%d  train loss %.4f acc %.4f | test loss %.4f acc %.4f (%d images) | "
-                 "%.0f img/s | %.1f s | MFU %.2f%%", self.epoch + 1, cfg.train.epochs, results["train/epoch_loss"],
-                 results["train/acc"], test.loss, test.acc, test.count, img_s, seconds, 100 * results["perf/mfu"])
+        log.info("epoch %d/%d  train loss %.4f acc %.4f | %s | %.0f img/s | %.1f s | MFU %.2f%%", self.epoch + 1,
+                 cfg.train.epochs, results["train/epoch_loss"], results["train/acc"], scores.summary(), img_s,
+                 seconds, 100 * results["perf/mfu"])
         self.tracker.log_metrics(results, self.step)
-        self.history.append({"epoch": self.epoch + 1, "step": self.step, "test_acc": test.acc,
-                             "test_loss": test.loss, "time": time.time()})  # wall clock: `nin-bench tta` uses it
-        return results, test.predictions
+        self.history.append({"epoch": self.epoch + 1, "step": self.step, **scores.history(),
+                             "time": time.time()})  # wall clock: `nin-bench tta` uses it
+        return results, scores.predictions
 
     def _finish(self, results: dict, predictions: torch.Tensor | None) -> dict:
         """Log the test predictions, write metrics.json and log the model (fp32, what inference uses)."""
         if predictions is not None:
             self.tracker.log_test_predictions(self.test_split, predictions.cpu())
         metrics = {"test_acc": results.get("test/acc"), "test_loss": results.get("test/loss"),
+                   "val_acc": results.get("val/acc"), "val_loss": results.get("val/loss"),
                    "train_loss": results.get("train/epoch_loss"), "train_acc": results.get("train/acc"),
                    "img_per_s": results.get("perf/img_per_s"), "epochs": self.epoch, "steps": self.step,
                    "world_size": self.info.world_size, "mlflow_run_id": self.tracker.run_id,
                    "wall_s": time.perf_counter() - self.started, "history": self.history}
         self.tracker.log_artifact_file(self.run_dir.write_json("metrics.json", metrics))
         example = to_inputs(self.test_split.images[:4].cpu(), self.cfg.data)
-        self.tracker.log_model(self.raw_model.portable_copy(), example)
+        self.tracker.log_model(self.evaluated.portable_copy(), example)
         return metrics
 
     def save(self) -> None:
@@ -219,7 +210,8 @@ class Trainer:
             ckpt.SCHEDULER: self.scheduler.state_dict(), ckpt.SCALER: self.scaler.state_dict(),
             ckpt.RNG: ckpt.rng_state(), ckpt.EPOCH: self.epoch, ckpt.EPOCH_STEP: self.epoch_step,
             ckpt.STEP: self.step, ckpt.CONFIG_HASH: self.digest, ckpt.CONFIG: model_relevant(self.cfg),
-            ckpt.MLFLOW_RUN_ID: self.tracker.run_id, ckpt.RUN_NAME: self.cfg.run.name, ckpt.HISTORY: self.history})
+            ckpt.MLFLOW_RUN_ID: self.tracker.run_id, ckpt.RUN_NAME: self.cfg.run.name, ckpt.HISTORY: self.history,
+            **({ckpt.EMA: self.ema.state_dict()} if self.ema is not None else {})})
 
     def _kept(self) -> str:
         path = self.checkpointer.path

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,6 +130,28 @@ def local_rank(pid: int) -> int | None:
         if item.startswith(b"LOCAL_RANK="):
             return int(item.split(b"=", 1)[1])
     return None
+
+
+def kill_rank_after_checkpoint(job: subprocess.Popen, out_dir: Path, step: int, settle: float,
+                               rank: int = 1) -> Path:
+    """Wait for the torchrun `job`'s checkpoint of `step`, let it train `settle` seconds past it, then
+    SIGKILL its worker of LOCAL_RANK `rank` while nothing newer is saved; returns the checkpoint's path."""
+    path, seen, deadline = Path(out_dir) / "checkpoints" / "last.pt", None, time.monotonic() + 240
+    while True:  # a new file each save: watch the inode
+        assert job.poll() is None, finish(job, 5)[1][-4000:]
+        assert time.monotonic() < deadline, f"no checkpoint of step {step}"
+        inode = path.stat().st_ino if path.exists() else None
+        if inode is not None and inode != seen:
+            seen = inode
+            if checkpoint.load(path)[checkpoint.STEP] == step:
+                break
+        time.sleep(0.05)
+    time.sleep(settle)  # into the steps after the checkpoint
+    workers = {local_rank(pid): pid for pid in children(job.pid)}
+    assert rank in workers, f"no worker with LOCAL_RANK={rank} among {workers}"
+    assert checkpoint.load(path)[checkpoint.STEP] == step  # still where it was: nothing saved since
+    os.kill(workers[rank], signal.SIGKILL)
+    return path
 
 
 def last_checkpoint(out_dir: Path) -> dict:

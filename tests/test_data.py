@@ -12,10 +12,12 @@ from nin_dist.data import (
     TrainBatches,
     eval_batches,
     find_root,
+    hold_out,
     load_datasets,
     load_split,
     shard_range,
     to_inputs,
+    validation_indices,
 )
 from nin_dist.errors import DataError
 from nin_dist.train import main
@@ -187,3 +189,33 @@ def test_normalize_uses_the_train_statistics(splits):
     train, _ = splits
     x = to_inputs(train.images[:20_000], DataConfig(resize=28, normalize=True))
     assert abs(x.mean().item()) < 0.01 and abs(x.std().item() - 1) < 0.01
+
+
+@pytest.mark.parametrize("limit, size", [(None, 6000), (None, 1), (1000, 37), (64, 63)])
+def test_the_validation_split_is_stratified_and_disjoint_from_training(splits, limit, size):
+    train = splits[0] if limit is None else _first(splits[0], limit)
+    fit, val = hold_out(train, size, seed=4)
+    held = validation_indices(train.labels, size, seed=4)
+    assert len(val) == size and len(fit) == len(train) - size
+    kept = torch.tensor(sorted(set(range(len(train))) - set(held.tolist())))
+    assert torch.equal(val.images, train.images[held]) and torch.equal(val.labels, train.labels[held])
+    assert torch.equal(fit.images, train.images[kept]) and torch.equal(fit.labels, train.labels[kept])
+    # Each class holds out its share of `size`, rounded up or down, and the shares add up to `size`.
+    share = train.labels.bincount(minlength=10).double() * size / len(train)
+    counts = val.labels.bincount(minlength=10).double()
+    assert ((counts == share.floor()) | (counts == share.ceil())).all(), (counts, share)
+    assert (fit.dataset_name, val.dataset_name) == (f"fashion-mnist-train/train({len(fit)})",
+                                                     f"fashion-mnist-train/val({size})")
+
+
+def _first(split, n):
+    return type(split)(split.name, split.images[:n], split.labels[:n], split.files)
+
+
+def test_the_validation_split_is_fixed_by_the_seed(splits):
+    train, _ = splits
+    a, b, other = (validation_indices(train.labels, 500, seed) for seed in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, other)
+    assert validation_indices(train.labels, 6000, 0).unique().numel() == 6000  # no image twice
+    fit, val = hold_out(train, 0, seed=1)
+    assert fit is train and val is None

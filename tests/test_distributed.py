@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sys
 import time
 from pathlib import Path
@@ -25,14 +24,13 @@ import pytest
 import torch
 from helpers import (
     REPO,
-    children,
     data_dir,
     env,
     finish,
     free_port,
     holding,
+    kill_rank_after_checkpoint,
     last_checkpoint,
-    local_rank,
     max_rel_diff,
     overrides,
     run,
@@ -119,21 +117,7 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_the_result_is_unchanged(refe
     kill_after = STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2  # a mid-epoch checkpoint, in epoch 2
     job = start(torchrun_cmd(["--standalone", "--nproc_per_node=2", "--max-restarts=1"],
                              overrides(out, **RUN, train__checkpoint_every=kill_after)))
-    path, seen, deadline = out / "checkpoints" / "last.pt", None, time.monotonic() + 240
-    while True:  # wait for the step-150 checkpoint (a new file each save: watch the inode)
-        assert job.poll() is None, finish(job, 5)[1][-4000:]
-        assert time.monotonic() < deadline, "no mid-epoch checkpoint"
-        inode = path.stat().st_ino if path.exists() else None
-        if inode is not None and inode != seen:
-            seen = inode
-            if ckpt.load(path)[ckpt.STEP] == kill_after:
-                break
-        time.sleep(0.05)
-    time.sleep(0.5)  # into the steps after the checkpoint
-    workers = {local_rank(pid): pid for pid in children(job.pid)}
-    assert 1 in workers, f"no worker with LOCAL_RANK=1 among {workers}"
-    assert ckpt.load(path)[ckpt.STEP] == kill_after  # still mid-epoch 2: nothing saved since
-    os.kill(workers[1], signal.SIGKILL)
+    path = kill_rank_after_checkpoint(job, out, kill_after, settle=0.5)  # rank 1, mid-epoch 2
 
     rc, text = finish(job, timeout=300)
     assert rc == 0, text[-4000:]

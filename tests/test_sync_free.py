@@ -7,7 +7,7 @@ from nin_dist.config import load_config
 from nin_dist.data import TrainBatches, load_split
 from nin_dist.model import build_model
 from nin_dist.optim import build_optimizer, build_scheduler
-from nin_dist.train import accumulate, train_step
+from nin_dist.step import accumulate, train_step
 
 pytestmark = pytest.mark.gpu
 

@@ -176,6 +176,16 @@ def test_compile_on_cpu(tmp_path):
      "nin-train: error: data.root=/nonexistent: Fashion-MNIST not found there"),
     (["train.batch_size=100000"], "nin-train: error: train.batch_size=100000 is larger than the 128 training"),
     (["train.precision=fp16"], "nin-train: error: train.precision=fp16 needs CUDA"),
+    (["data.val_size=128"], "nin-train: error: data.val_size=128 is not allowed: 0 to 127 images (fewer than the "
+                            "128 of data.train_limit=128)"),
+    (["data.val_size=-1"], "nin-train: error: data.val_size=-1 is not allowed: 0 to 127 images"),
+    (["data.val_size=120", "train.batch_size=16"],
+     "nin-train: error: train.batch_size=16 is larger than the 8 training images (data.train_limit=128 less "
+     "data.val_size=120)"),
+    (["train.ema_decay=1"], "nin-train: error: train.ema_decay=1.0 is not allowed: in [0, 1) (0 = off)"),
+    (["train.ema_decay=-0.1"], "nin-train: error: train.ema_decay=-0.1 is not allowed: in [0, 1)"),
+    (["data.erase=1.5"], "nin-train: error: data.erase=1.5 is not allowed: a probability in [0, 1]"),
+    (["data.translate=15"], "nin-train: error: data.translate=15 is not allowed: 0 to 14 pixels"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
     argv = overrides(tmp_path / "run", data__train_limit=128) + args

@@ -13,9 +13,16 @@ def test_bench_data_prints_both_pipelines_and_the_ratio(tmp_path, data_root, cap
     assert main(["data", "--batches", "2", "--workers", "0", "--resize", "64", "--root", str(data_root),
                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    seed, ours = result["rows"]
+    seed, ours, augmented = result["rows"]
     assert seed["ratio"] == 1.0 and ours["ratio"] == pytest.approx(seed["seconds"] / ours["seconds"])
-    assert "ours: device-resident" in capsys.readouterr().out
+    assert augmented["ratio"] == pytest.approx(seed["seconds"] / augmented["seconds"])
+    printed = capsys.readouterr().out
+    assert "ours: device-resident" in printed and "ours + augmentation (translate 2, flip, erase 0.5)" in printed
+
+    assert main(["data", "--batches", "2", "--workers", "0", "--resize", "64", "--root", str(data_root),
+                 "--repeats", "2", "--json", str(out)]) == 0
+    augmented = json.loads(out.read_text())["rows"][2]  # each repeat's ratio is to its own seed pipeline
+    assert augmented["ratio"] == pytest.approx(sum(r["ratio"] for r in augmented["repeats"]) / 2)
 
 
 def test_bench_train_rows_are_ratios_to_the_seed_row(tmp_path, data_root, monkeypatch):
