@@ -70,6 +70,18 @@ def test_bench_tta_reads_the_trainers_history(tmp_path, data_root, monkeypatch):
     assert row["tta_s@1.01"] is None and result["median_s"]["1.01"] is None  # never reached
 
 
+def test_bench_tta_split_val_times_the_held_out_images(tmp_path, data_root, monkeypatch, capsys):
+    monkeypatch.setenv("NIN_DATA_DIR", str(data_root))
+    assert main(["tta", "--split", "val", "--seeds", "0", "data.train_limit=256"]) == 2
+    assert "--split val: configs/cpu.yaml holds no images out; add data.val_size=N" in capsys.readouterr().err
+    out = tmp_path / "tta.json"
+    assert main(["tta", "--split", "val", "--seeds", "0", "--target", "0.0", "--json", str(out),
+                 "data.train_limit=320", "data.val_size=64", "data.test_limit=100", "train.epochs=2",
+                 "train.batch_size=64"]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["epoch@0.0"] == 1 and row["final_val_acc"] is not None and row["final_test_acc"] is not None
+
+
 @pytest.mark.parametrize("times, median", [([30.0, None, 10.0], 30.0), ([None, 5.0, None], None),
                                            ([3.0, 1.0, 2.0], 2.0), ([4.0, None], None)])
 def test_tta_median_counts_a_seed_that_never_reached_the_target_as_slowest(times, median):

@@ -208,3 +208,27 @@ def test_a_worker_killed_and_restarted_by_torchrun_keeps_one_run(tmp_path):
     client, run = only_run(uri)
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test/acc")] == [steps, 2 * steps]
+
+
+def test_the_recipe_logs_val_every_epoch_test_at_the_end_and_the_ema_as_the_model(tmp_path):
+    """data.val_size, train.ema_decay, train.tta and data.augment on, in a world of one."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = [*SMOKE, "train.epochs=2", "train.batch_size=128", "data.val_size=128", "train.ema_decay=0.9",
+                 "train.tta=true", "data.augment=true", "data.erase=0.5", f"tracking.uri={uri}", "run.name=recipe",
+                 f"run.out_dir={tmp_path}/run"]
+    assert_clean_log(train(tmp_path, "--config", str(REPO / "configs" / "cpu.yaml"), *overrides))
+    client, run = only_run(uri)
+    steps = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)]
+             for k in ("val/acc", "val/loss", "test/acc", "test/loss")}
+    assert steps == {"val/acc": [3, 6], "val/loss": [3, 6], "test/acc": [6], "test/loss": [6]}  # 3 steps an epoch
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert run.data.metrics["val/acc"] == pytest.approx(metrics["val_acc"])
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"fashion-mnist-train/train(384)",
+                                                                   "fashion-mnist-test[:256]"}
+
+    mlflow.set_tracking_uri(uri)
+    (output,) = run.outputs.model_outputs
+    logged = mlflow.pytorch.load_model(f"models:/{output.model_id}").state_dict()
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.equal(logged[k], state["ema"][k]) for k in logged), "the logged model is the EMA"
+    assert not torch.equal(logged["0.0.weight"], state["model"]["0.0.weight"])
