@@ -116,7 +116,7 @@ class Trainer:
         cfg, info, batches = self.cfg, self.info, self.batches
         self.tracker.log_artifact_file(self.run_dir.write_config(cfg))  # before the first step
         if not self.resumed:
-            self.tracker.log_datasets(self.train_split, self.test_split)
+            self.tracker.log_datasets(self.train_split, self.test_split, self.val_split)
         max_steps = cfg.train.max_steps or math.inf
         results, predictions = {}, None
         bar = tqdm(total=batches.steps_per_epoch * cfg.train.epochs, initial=self.step, unit="step",

@@ -4,7 +4,7 @@ Every tracker call becomes a *record* first: a small JSON dict naming its run id
 folder staged in the spool (`nin_dist.tracking.spool`) for artifacts and the model. The kinds:
 
     metrics     {"step", "timestamp", "metrics": {key: value}}
-    inputs      {"datasets": [{"dataset": MLflow's dataset fields, "context": "training" | "testing"}]}
+    inputs      {"datasets": [{"dataset": MLflow's dataset fields, "context": "training" | "testing" | "validation"}]}
     artifact    {"file", "artifact_path"}: a file, or a folder logged as its contents
     model       {"file", "name", "step"}: a model saved with `mlflow.pytorch.save_model`
     terminate   {"status", "end_time"}

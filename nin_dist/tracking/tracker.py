@@ -107,10 +107,11 @@ class MLflowTracker:
         self._last_step = max(self._last_step, int(step))
         self._put(lambda: record)
 
-    def log_datasets(self, train, test) -> None:
+    def log_datasets(self, train, test, val=None) -> None:
+        """The run's dataset inputs: what it trained on, tested on and (with data.val_size) validated on."""
+        contexts = [(train, "training"), (test, "testing")] + ([(val, "validation")] if val is not None else [])
         record = {"kind": "inputs", "run_id": self.run_id,
-                  "datasets": [{"dataset": self._dataset(train), "context": "training"},
-                               {"dataset": self._dataset(test), "context": "testing"}]}
+                  "datasets": [{"dataset": self._dataset(split), "context": context} for split, context in contexts]}
         self._put(lambda: record)
 
     def _dataset(self, split) -> dict:

@@ -223,8 +223,10 @@ def test_the_recipe_logs_val_every_epoch_test_at_the_end_and_the_ema_as_the_mode
     assert steps == {"val/acc": [3, 6], "val/loss": [3, 6], "test/acc": [6], "test/loss": [6]}  # 3 steps an epoch
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert run.data.metrics["val/acc"] == pytest.approx(metrics["val_acc"])
-    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"fashion-mnist-train/train(384)",
-                                                                   "fashion-mnist-test[:256]"}
+    contexts = {i.dataset.name: [t.value for t in i.tags if t.key == "mlflow.data.context"]
+                for i in run.inputs.dataset_inputs}
+    assert contexts == {"fashion-mnist-train/train(384)": ["training"], "fashion-mnist-train/val(128)": ["validation"],
+                        "fashion-mnist-test[:256]": ["testing"]}
 
     mlflow.set_tracking_uri(uri)
     (output,) = run.outputs.model_outputs
