@@ -236,9 +236,11 @@ def all_keys() -> list[str]:
     return leaf_keys(Config)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides; validated before returning."""
-    return load_tree(Config, path, overrides)
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                defaults_for: tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides; validated before returning. The file's sections
+    named in `defaults_for` (e.g. a run's stored `tracking` and `run`) are ignored."""
+    return load_tree(Config, path, overrides, defaults_for)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -39,6 +39,10 @@ class TrackingError(UserError):
     """The MLflow tracking server cannot be reached or refused the run."""
 
 
+class ModelError(UserError):
+    """A model to evaluate that does not exist or cannot be loaded (a bad URI, an unknown name or id)."""
+
+
 def first_line(err: BaseException | str, limit: int = 300) -> str:
     """The first line of an error (or of a program's output), shortened: user errors print as one line."""
     lines = str(err).strip().splitlines()

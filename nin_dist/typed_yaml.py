@@ -190,9 +190,12 @@ def _read_yaml(path: str | Path) -> dict:
     return tree
 
 
-def load_tree(root, path: str | Path | None, overrides: list[str]):
-    """An instance of dataclass `root`: its defaults <- the YAML file <- `key=value` overrides."""
+def load_tree(root, path: str | Path | None, overrides: list[str], defaults_for: tuple[str, ...] = ()):
+    """An instance of dataclass `root`: its defaults <- the YAML file <- `key=value` overrides.
+
+    The file's top-level sections named in `defaults_for` are left out: they keep their defaults."""
     tree = _read_yaml(path) if path is not None else {}
+    tree = {key: value for key, value in tree.items() if key not in defaults_for}
     valid = leaf_keys(root)
     for item in overrides:
         key, sep, raw = item.partition("=")

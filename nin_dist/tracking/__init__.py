@@ -26,6 +26,7 @@ The modules, one job each:
 - `redaction`: secrets and URI passwords kept out of everything sent and every error logged;
 - `mlflow_internals`: the MLflow internals used, and why the public API does not do the job;
 - `report`: the test-set report (confusion matrix, per-class accuracy, misclassified images).
+- `evaluation`: the evaluation run of `nin-eval`, linked to the model it scored.
 
 This module imports none of them until a tracker or a sync is asked for.
 """

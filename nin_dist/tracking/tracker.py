@@ -41,6 +41,24 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def dataset_fields(split, clean) -> dict:
+    """MLflow's dataset fields for a split (`Dataset.to_dict()`): digest of the upstream files,
+    source their folder, the profile with the row count and the files; `clean` redacts the text ones."""
+    import warnings
+
+    import mlflow.data
+
+    with warnings.catch_warnings():  # a local path is "ambiguous" between two equal source kinds
+        warnings.simplefilter("ignore")
+        fields = mlflow.data.from_numpy(split.images.cpu().numpy(), source=str(split.files[0].parent),
+                                        targets=split.labels.cpu().numpy(), name=split.dataset_name,
+                                        digest=split.digest).to_dict()
+    profile = json.loads(fields.get("profile") or "{}") | {"num_rows": len(split),
+                                                           "files": [str(p) for p in split.files]}
+    return {"name": fields["name"], "digest": fields["digest"], "source_type": fields["source_type"],
+            "source": clean(fields["source"]), "schema": fields.get("schema"), "profile": clean(json.dumps(profile))}
+
+
 class MLflowTracker:
     """Rank 0's MLflow run: started (or resumed) here, fed by a background sender, ended by close."""
 
@@ -111,26 +129,9 @@ class MLflowTracker:
         """The run's dataset inputs: what it trained on, tested on and (with data.val_size) validated on."""
         contexts = [(train, "training"), (test, "testing")] + ([(val, "validation")] if val is not None else [])
         record = {"kind": "inputs", "run_id": self.run_id,
-                  "datasets": [{"dataset": self._dataset(split), "context": context} for split, context in contexts]}
+                  "datasets": [{"dataset": dataset_fields(split, self._clean), "context": context}
+                               for split, context in contexts]}
         self._put(lambda: record)
-
-    def _dataset(self, split) -> dict:
-        """MLflow's dataset fields for a split (`Dataset.to_dict()`): digest of the upstream files,
-        source their folder, the profile with the row count and the files."""
-        import warnings
-
-        import mlflow.data
-
-        with warnings.catch_warnings():  # a local path is "ambiguous" between two equal source kinds
-            warnings.simplefilter("ignore")
-            fields = mlflow.data.from_numpy(split.images.cpu().numpy(), source=str(split.files[0].parent),
-                                            targets=split.labels.cpu().numpy(), name=split.dataset_name,
-                                            digest=split.digest).to_dict()
-        profile = json.loads(fields.get("profile") or "{}") | {"num_rows": len(split),
-                                                               "files": [str(p) for p in split.files]}
-        return {"name": fields["name"], "digest": fields["digest"], "source_type": fields["source_type"],
-                "source": self._clean(fields["source"]), "schema": fields.get("schema"),
-                "profile": self._clean(json.dumps(profile))}
 
     def log_artifact_file(self, path: Path, artifact_path: str | None = None) -> None:
         """Log a copy of the file as it is now (text with secrets replaced by ***)."""
