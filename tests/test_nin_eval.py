@@ -66,7 +66,8 @@ def read_report(path: Path, split_size: int) -> dict:
     return report
 
 
-def test_every_way_of_naming_the_model_gives_the_runs_test_acc(trained, tmp_path):
+def test_every_way_of_naming_the_model_gives_the_runs_test_acc(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("NIN_DATA_DIR", str(data_dir()))  # the in-process nin-eval below finds the data as the runs do
     uri, client, run, model_id = trained["uri"], trained["client"], trained["run"], trained["model_id"]
     run_acc = run.data.metrics["test/acc"]
     assert run_acc == pytest.approx(trained["metrics"]["test_acc"], abs=1e-12)
