@@ -11,8 +11,8 @@ lock two different files of one name.
 
 It returns a `RunDir` on rank 0 and a `NullRunDir` with the same methods elsewhere, so the trainer
 never tests the rank. `epochs.jsonl` gets a line per evaluated epoch as it happens (what nin-sweep
-watches; metrics.json comes only at the end). Checkpoints (`checkpoints/`, see `nin_dist.checkpoint`) and the tracking spool
-(`tracking-spool/`) live in the same folder.
+watches; metrics.json comes only at the end). Checkpoints (`checkpoints/`, see `nin_dist.checkpoint`)
+and the tracking spool (`tracking-spool/`) live in the same folder.
 """
 
 from __future__ import annotations
