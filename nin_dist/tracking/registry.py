@@ -48,15 +48,16 @@ def register_version(client, run_id: str, name: str, model_name: str):
     from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
 
     model = newest_ready_model(client, run_id, model_name)
-    for version in client.search_model_versions(f"run_id = '{run_id}'"):
-        if version.name == name and version.model_id == model.model_id:
+    source = f"models:/{model.model_id}"
+    for version in client.search_model_versions(f"run_id = '{run_id}'"):  # its model_id: not kept by every store
+        if version.name == name and version.source == source:
             return version
     try:
         client.create_registered_model(name)
     except MlflowException as err:  # made by an earlier run (or another process meanwhile)
         if err.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
             raise
-    version = client.create_model_version(name, source=f"models:/{model.model_id}", run_id=run_id,
+    version = client.create_model_version(name, source=source, run_id=run_id,
                                           model_id=model.model_id)
     try:
         listed = json.loads(client.get_logged_model(model.model_id).tags.get(MODEL_VERSIONS_TAG) or "[]")
