@@ -45,7 +45,6 @@ def register_version(client, run_id: str, name: str, model_name: str):
     import json
 
     from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
 
     model = newest_ready_model(client, run_id, model_name)
     source = f"models:/{model.model_id}"
@@ -55,7 +54,7 @@ def register_version(client, run_id: str, name: str, model_name: str):
     try:
         client.create_registered_model(name)
     except MlflowException as err:  # made by an earlier run (or another process meanwhile)
-        if err.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):  # MLflow's error code names
             raise
     version = client.create_model_version(name, source=source, run_id=run_id,
                                           model_id=model.model_id)
