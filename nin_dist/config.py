@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,10 @@ MAX_BUCKET_MB = 65536.0  # DDP bucket, MiB: larger than the gradients of the lar
 # A shift of half the 28-pixel image each way already moves most of a garment out of the frame.
 MAX_TRANSLATE = 14
 MAX_TIMEOUT_S = 3600.0  # one tracking call; longer waits stall the run, and the sender's guard is 6x this
+RUN_ID = re.compile(r"[A-Za-z0-9][\w-]{0,255}")  # what MLflow accepts as a run id
+# A registered model's name, as a `models:/NAME@alias` URI can carry it (MLflow splits those at / and @).
+MODEL_NAME = re.compile(r"(?!\.\.|\.$)[^\s/:@%\x00-\x1f\x7f](?:[^/:@%\x00-\x1f\x7f]{0,254}[^\s/:@%\x00-\x1f\x7f])?")
+SWEEP_SECTION = "sweep"  # nin-sweep's search space in a config file (nin_dist.sweep.space); nin-train skips it
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -183,9 +188,23 @@ class TrackingConfig:
     system_metrics: bool = True  # MLflow's own CPU / memory / GPU sampling
     log_model: bool = True  # mlflow.pytorch.log_model at the end
     timeout_s: float = 10.0  # how long one tracking call may take before it is spooled
+    # The run nests under this MLflow run (tag mlflow.parentRunId); nin-sweep sets it for its trials.
+    parent_run_id: str | None = None
+    # The logged model also becomes a new version of this registered model (created if missing).
+    register_model: str | None = None
 
     def __post_init__(self):
         require(bool(self.experiment.strip()), "tracking.experiment", "a non-empty name", self.experiment)
+        require(self.parent_run_id is None or RUN_ID.fullmatch(self.parent_run_id) is not None,
+                "tracking.parent_run_id", "null or an MLflow run id (letters, digits, '_' and '-')",
+                self.parent_run_id)
+        require(self.register_model is None or MODEL_NAME.fullmatch(self.register_model) is not None,
+                "tracking.register_model", "null or a model name of 1 to 256 characters without '/', ':', '@', "
+                "'%', control characters or space at its ends, not '.' or starting '..' (models:/NAME@alias names it)",
+                self.register_model)
+        require(self.register_model is None or self.log_model, "tracking.register_model",
+                "null when tracking.log_model=false (the version is made from the logged model)",
+                self.register_model)
         require(0 < self.timeout_s <= MAX_TIMEOUT_S, "tracking.timeout_s",
                  f"a positive number of seconds up to {MAX_TIMEOUT_S:g}", self.timeout_s)
 
@@ -238,9 +257,10 @@ def all_keys() -> list[str]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (),
                 defaults_for: tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides; validated before returning. The file's sections
-    named in `defaults_for` (e.g. a run's stored `tracking` and `run`) are ignored."""
-    return load_tree(Config, path, overrides, defaults_for)
+    """Defaults <- YAML file <- `key=value` overrides; validated before returning. A `sweep:` section
+    is nin-sweep's search space, not a key of the run: skipped here. The file's sections named in
+    `defaults_for` (e.g. a run's stored `tracking` and `run`, for nin-eval) are ignored too."""
+    return load_tree(Config, path, overrides, skip=(SWEEP_SECTION, *defaults_for))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

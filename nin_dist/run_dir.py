@@ -10,8 +10,9 @@ the folder back; a restarted rank 0 waits up to `RESTART_WAIT_S` for a holder of
 lock two different files of one name.
 
 It returns a `RunDir` on rank 0 and a `NullRunDir` with the same methods elsewhere, so the trainer
-never tests the rank. Checkpoints (`checkpoints/`, see `nin_dist.checkpoint`) and the tracking spool
-(`tracking-spool/`) live in the same folder.
+never tests the rank. `epochs.jsonl` gets a line per evaluated epoch as it happens (what nin-sweep
+watches; metrics.json comes only at the end). Checkpoints (`checkpoints/`, see `nin_dist.checkpoint`)
+and the tracking spool (`tracking-spool/`) live in the same folder.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from nin_dist.tracking.redaction import redact_uri
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
+EPOCHS_FILE = "epochs.jsonl"  # one JSON line per evaluated epoch, appended as the run goes
 RESTART_WAIT_S = 30.0  # how long a restarted rank 0 waits for the same job's old rank 0 to end
 HOLDER_WRITE_S = 2.0  # how long a just-taken lock may go without its holder written in it
 _MAX_NAME_BYTES = 200  # one folder name, with room for the files made next to it
@@ -170,6 +172,20 @@ class RunDir:
     def write_json(self, name: str, obj: dict) -> Path:
         return self.write_text(name, json.dumps(obj, indent=2) + "\n")
 
+    def append_epoch(self, entry: dict) -> None:
+        """One line of `epochs.jsonl` (`EPOCHS_FILE`): an evaluated epoch, as soon as it is scored, for
+        whoever watches the run (nin-sweep prunes on it). A line is written whole, in one write;
+        a restart after a crash may write an epoch's line again."""
+        line = (json.dumps(entry) + "\n").encode()
+        try:
+            fd = os.open(self.path / EPOCHS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise _cannot(self.path, err) from None
+
     def write_config(self, cfg: Config) -> Path:
         """`config.yaml`: the resolved config, with the tracking URI's password replaced by `***`."""
         return self.write_text("config.yaml", dump_yaml(replace(cfg, tracking={"uri": redact_uri(cfg.tracking.uri)})))
@@ -188,6 +204,8 @@ class NullRunDir(RunDir):
     """The same folder seen from ranks > 0: nothing is made, locked or written, paths are still answered."""
 
     def open(self, wait_s: float = RESTART_WAIT_S) -> None: ...
+
+    def append_epoch(self, entry: dict) -> None: ...
 
     def write_text(self, name: str, text: str) -> Path:
         return self.path / name
@@ -216,4 +234,4 @@ def open_run_dir(path: Path, info: DistInfo) -> Iterator[RunDir]:
 
 
 __all__ = ["RunDir", "NullRunDir", "make_run_dir", "open_run_dir", "resolve_run", "on_main", "check_name",
-           "default_name", "read_holder", "LOCK_FILE"]
+           "default_name", "read_holder", "LOCK_FILE", "EPOCHS_FILE"]

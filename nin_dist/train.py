@@ -180,8 +180,10 @@ class Trainer:
                  cfg.train.epochs, results["train/epoch_loss"], results["train/acc"], scores.summary(), img_s,
                  seconds, 100 * results["perf/mfu"])
         self.tracker.log_metrics(results, self.step)
-        self.history.append({"epoch": self.epoch + 1, "step": self.step, **scores.history(),
-                             "time": time.time()})  # wall clock: `nin-bench tta` uses it
+        entry = {"epoch": self.epoch + 1, "step": self.step, **scores.history(),
+                 "time": time.time()}  # wall clock: `nin-bench tta` uses it
+        self.history.append(entry)
+        self.run_dir.append_epoch(entry | {"mlflow_run_id": self.tracker.run_id})  # watched by nin-sweep
         return results, scores.predictions
 
     def _finish(self, results: dict, predictions: torch.Tensor | None) -> dict:

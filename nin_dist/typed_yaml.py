@@ -161,7 +161,7 @@ def _set_dotted(tree: dict, key: str, raw: str, valid: list[str]) -> None:
     node[leaf] = raw
 
 
-def _read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path) -> dict:
     """The mapping a `--config` file holds, or ConfigError naming the file and what is wrong with it."""
     path = Path(path)
     where = f"--config {_name(str(path))}"
@@ -190,12 +190,11 @@ def _read_yaml(path: str | Path) -> dict:
     return tree
 
 
-def load_tree(root, path: str | Path | None, overrides: list[str], defaults_for: tuple[str, ...] = ()):
-    """An instance of dataclass `root`: its defaults <- the YAML file <- `key=value` overrides.
-
-    The file's top-level sections named in `defaults_for` are left out: they keep their defaults."""
-    tree = _read_yaml(path) if path is not None else {}
-    tree = {key: value for key, value in tree.items() if key not in defaults_for}
+def load_tree(root, path: str | Path | None, overrides: list[str], skip: tuple[str, ...] = ()):
+    """An instance of dataclass `root`: its defaults <- the YAML file <- `key=value` overrides. The
+    file's top-level sections named in `skip` are another program's (e.g. nin-sweep's `sweep:`): left out."""
+    tree = read_yaml(path) if path is not None else {}
+    tree = {key: value for key, value in tree.items() if key not in skip}
     valid = leaf_keys(root)
     for item in overrides:
         key, sep, raw = item.partition("=")

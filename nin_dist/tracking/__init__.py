@@ -20,6 +20,7 @@ The modules, one job each:
   and sending one to MLflow;
 - `sender`: the background thread that sends records in call order, or keeps them;
 - `saved_model`: the model saved into the spool, and logged from its files (never loaded);
+- `registry`: the logged model as a new version of a registered model (`tracking.register_model`);
 - `spool`: records kept in the run folder, read as untrusted input, and their replay;
 - `replay`: `nin-train --sync-tracking RUN_DIR`, the replay of a run folder's spool (`sync`);
 - `store`: where the store is, whether it answers, how long one HTTP request may take;

@@ -7,6 +7,8 @@ folder staged in the spool (`nin_dist.tracking.spool`) for artifacts and the mod
     inputs      {"datasets": [{"dataset": MLflow's dataset fields, "context": "training" | "testing" | "validation"}]}
     artifact    {"file", "artifact_path"}: a file, or a folder logged as its contents
     model       {"file", "name", "step"}: a model saved with `mlflow.pytorch.save_model`
+    register    {"name", "model"}: the run's logged model `model` as a new version of registered
+                model `name` (`nin_dist.tracking.registry`; a resend finds the version made before)
     terminate   {"status", "end_time"}
 
 `apply_record` sends one; the live sender and the replay of a spool both use it, so a replayed run
@@ -31,6 +33,7 @@ import stat
 from pathlib import Path, PurePosixPath
 
 from nin_dist.errors import first_line
+from nin_dist.tracking.registry import NothingToRegister, register_version
 from nin_dist.tracking.saved_model import log_saved_model, read_saved_model
 from nin_dist.tracking.store import MAX_BATCH_METRICS
 
@@ -43,6 +46,7 @@ FIELDS = {  # kind -> its fields (besides "kind" and "run_id") and their JSON ty
     "inputs": {"datasets": list},
     "artifact": {"file": str, "artifact_path": (str, _NONE)},
     "model": {"file": str, "name": str, "step": int},
+    "register": {"name": str, "model": str},
     "terminate": {"status": str, "end_time": int},
 }
 DATASET_FIELDS = {"name": str, "digest": str, "source_type": str, "source": str, "schema": (str, _NONE),
@@ -164,6 +168,13 @@ def apply_record(client, record: dict, folder: Path) -> None:
             client.log_artifacts(run_id, str(path), record["artifact_path"])
         else:
             client.log_artifact(run_id, str(path), record["artifact_path"])
+    elif kind == "register":
+        try:
+            version = register_version(client, run_id, record["name"], record["model"])
+        except NothingToRegister as err:  # its model record was kept unsent: this one cannot go before it
+            raise BadRecord(str(err)) from None
+        log.info("tracking: the model of run %s is version %s of registered model %r", run_id, version.version,
+                 version.name)
     else:
         client.set_terminated(run_id, record["status"], record["end_time"])
 

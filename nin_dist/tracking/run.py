@@ -8,7 +8,8 @@
 - Params are the resolved config with dotted keys (`train.epochs`), `tracking.uri` without its
   password. Every value goes through `clean` (secret redaction) first.
 - Tags (`run_tags`): world size, nodes, backend, torch / triton / mlflow / python versions and the
-  git commit, then the trainer's own (kernel, device).
+  git commit, then the trainer's own (kernel, device); with `tracking.parent_run_id` (a live run of
+  the store) also `mlflow.parentRunId`, which nests the run under that one (nin-sweep's trials).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from nin_dist.tracking.redaction import redact_uri
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 100  # params / tags per MLflow request (its limit)
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting of runs: the UI shows the run under its parent
 
 
 def _version(package: str) -> str:
@@ -78,6 +80,20 @@ def experiment_id(client, name: str) -> str:
     return experiment.experiment_id
 
 
+def _parent(client, run_id: str) -> str:
+    """`tracking.parent_run_id`, once the store shows it is a live run."""
+    from mlflow.exceptions import MlflowException
+
+    shown = redact_uri(client.tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"tracking.parent_run_id={run_id} is not a run in {shown}") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise TrackingError(f"tracking.parent_run_id={run_id} is deleted in {shown}; restore it or choose another")
+    return run_id
+
+
 def open_run(client, cfg, info, resume_run_id: str | None, tags: dict[str, str],
              clean: Callable[[object], str]) -> str:
     """The id of the new or resumed run, its params and tags logged."""
@@ -88,6 +104,8 @@ def open_run(client, cfg, info, resume_run_id: str | None, tags: dict[str, str],
     params = {key: clean(value) for key, value in flatten(cfg).items()}
     params["tracking.uri"] = clean(redact_uri(cfg.tracking.uri))
     tags = {key: clean(value) for key, value in run_tags(info, tags).items()}
+    if cfg.tracking.parent_run_id:
+        tags[PARENT_TAG] = _parent(client, cfg.tracking.parent_run_id)
     if resume_run_id:
         try:
             run = client.get_run(resume_run_id)

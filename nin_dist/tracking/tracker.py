@@ -69,6 +69,7 @@ class MLflowTracker:
         tcfg = cfg.tracking
         self._timeout_s = tcfg.timeout_s
         self._log_model_enabled, self._system_metrics = tcfg.log_model, tcfg.system_metrics
+        self._register_as = tcfg.register_model  # registered model name, or None
         self.uri, source = resolve_uri(tcfg.uri)
         self._secrets = secret_values((tcfg.uri, self.uri))
         if self._system_metrics:
@@ -175,7 +176,8 @@ class MLflowTracker:
 
     def log_model(self, model, example) -> None:
         """The model as an MLflow pytorch model named "model", with the signature of `example` -> output
-        and `example` as input example. `model` must run on the CPU as it is (`NiN.portable_copy()`)."""
+        and `example` as input example, then a new version of `tracking.register_model` when set.
+        `model` must run on the CPU as it is (`NiN.portable_copy()`)."""
         if not self._log_model_enabled or self._closed:
             return
         try:
@@ -187,6 +189,9 @@ class MLflowTracker:
         record = {"kind": "model", "run_id": self.run_id, "file": self._spool.relative(path), "name": "model",
                   "step": self._last_step}
         self._put(lambda: record)
+        if self._register_as:  # after the model record: the version is made from the READY LoggedModel
+            register = {"kind": "register", "run_id": self.run_id, "name": self._register_as, "model": "model"}
+            self._put(lambda: register)
 
     def close(self, status: str = "FINISHED") -> None:
         """Stop system metrics, end the run with `status`, send or keep everything queued, and lift

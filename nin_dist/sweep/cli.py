@@ -1,0 +1,166 @@
+"""`nin-sweep`: an Optuna study of nin-train jobs, one nested MLflow run per trial under a parent run.
+
+    nin-sweep --config configs/cpu.yaml --trials 20                       # the config's sweep: or the default space
+    nin-sweep --config CFG --trials 20 --nproc-per-node 2 train.epochs=3  # each trial under torchrun
+    nin-sweep --config CFG --trials 20 --register nin-fashion             # versions of a registered model, @best
+
+The overrides (`key=value`) fix keys for every trial; `run.out_dir` is the sweep's folder (default
+runs/sweep-<study>), each trial's run folder below it. Running the same command again continues the
+study (`nin_dist.sweep.study`): a killed sweep loses no trial. Exit codes: 0 done, 2 user error (one
+line, nothing started), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from nin_dist.config import SWEEP_SECTION, load_config, model_relevant
+from nin_dist.errors import ConfigError, UserError, report
+from nin_dist.logs import init_logging
+from nin_dist.run_dir import RunDir
+from nin_dist.sweep.space import check_values, default_space, describe, parse_space
+from nin_dist.typed_yaml import read_yaml
+
+log = logging.getLogger("nin_dist.sweep")
+
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # also the folder name runs/sweep-<study>
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="nin-sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config; its sweep: section is the search space")
+    parser.add_argument("--trials", type=int, required=True, help="trials in the study at the end (ended ones)")
+    parser.add_argument("--study", help="study name (default: the config file's name)")
+    parser.add_argument("--nproc-per-node", type=int, default=1, metavar="K",
+                        help="run each trial as torchrun --standalone --nproc_per_node=K (default 1: nin-train)")
+    parser.add_argument("--register", metavar="NAME", help="each finished trial's model becomes a version of the "
+                        "registered model NAME (tracking.register_model); the best gets alias @best")
+    parser.add_argument("--seed", type=int, help="sampler seed (default: the config's seed)")
+    parser.add_argument("--startup-trials", type=int, default=3, help="completed trials before pruning starts")
+    parser.add_argument("--warmup-epochs", type=int, default=0, help="epochs of each trial never pruned")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides for every trial")
+    return parser.parse_args(argv)
+
+
+def _check_args(args) -> str:
+    """The study's name, once every argument is one nin-sweep can work with."""
+    for flag, value, least in (("--trials", args.trials, 1), ("--nproc-per-node", args.nproc_per_node, 1),
+                               ("--startup-trials", args.startup_trials, 0),
+                               ("--warmup-epochs", args.warmup_epochs, 0)):
+        if value < least:
+            raise ConfigError(f"{flag}={value} is not allowed: at least {least}")
+    study = args.study or Path(args.config).stem
+    if not STUDY_NAME.fullmatch(study):
+        raise ConfigError(f"--study {study!r} is not allowed: 1 to 100 letters, digits, '.', '_' or '-', starting "
+                          f"with a letter or digit")
+    return study
+
+
+def prepare(args):
+    """Everything checked before any work: (study name, config, fixed overrides, space)."""
+    study = _check_args(args)
+    overrides = [*args.overrides, *([f"tracking.register_model={args.register}"] if args.register else [])]
+    cfg = load_config(args.config, overrides)
+    if not cfg.tracking.enabled:
+        raise ConfigError("tracking.enabled=false is not allowed for nin-sweep: the trials nest in MLflow runs")
+    section = read_yaml(args.config).get(SWEEP_SECTION, ...)
+    fixed = {item.partition("=")[0].strip() for item in overrides}
+    space = {key: dist for key, dist in default_space(cfg).items() if key not in fixed} if section is ... \
+        else parse_space(section, overrides)
+    if not space:
+        raise ConfigError("every key of the default search space is fixed by an override: give a sweep: section")
+    if "data.val_size" in space:
+        raise ConfigError(f"{SWEEP_SECTION}.data.val_size is not allowed: every trial is scored on the same split")
+    check_values(args.config, overrides, space)
+    return study, cfg, overrides, space
+
+
+def sweep(args) -> int:
+    import hashlib
+    import json
+
+    import optuna
+    from mlflow import MlflowClient
+
+    from nin_dist.sweep.parent import ParentRun
+    from nin_dist.sweep.study import Sweep, finished, open_study, storage_url
+    from nin_dist.tracking.store import check_reachable, resolve_uri
+
+    name, cfg, overrides, space = prepare(args)
+    uri, source = resolve_uri(cfg.tracking.uri)
+    check_reachable(uri, source, cfg.tracking.timeout_s)
+    folder = Path(cfg.run.out_dir or Path("runs") / f"sweep-{name}").resolve()
+    base = {key: value for key, value in model_relevant(cfg).items() if key not in space}
+    attrs = {"search_space": describe(space), "fixed_config": hashlib.sha256(
+        json.dumps(base, sort_keys=True).encode()).hexdigest()[:16], "folder": str(folder)}
+    storage = storage_url(uri, folder)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    seed = cfg.seed if args.seed is None else args.seed
+    lock = RunDir(folder)
+    lock.open(wait_s=0)  # one sweep process per study folder (see nin_dist.sweep.study)
+    parent = None
+    try:
+        study = open_study(name, storage, attrs, seed, args.startup_trials, args.warmup_epochs)
+        client = MlflowClient(uri)
+        parent = ParentRun.open(client, cfg.tracking.experiment, cfg.run.name or f"sweep-{name}",
+                                study.user_attrs.get("parent_run_id"),
+                                {"sweep.study": name, "sweep.storage": storage, "sweep.space": attrs["search_space"],
+                                 "sweep.folder": str(folder)})
+        study.set_user_attr("parent_run_id", parent.run_id)
+        metric = "val_acc" if cfg.data.val_size else "test_acc"
+        log.info("sweep: study %s in %s, %d of %d trials ended; parent MLflow run %s; objective %s", name, storage,
+                 finished(study), args.trials, parent.run_id, metric.replace("_", "/"))
+        epochs = cfg.train.epochs if "train.epochs" not in space else float("inf")
+        trials = Sweep(study, space, parent, folder, args.config, overrides, metric, epochs, args.nproc_per_node)
+        trials.run(args.trials)
+        _finish(study, parent, args.register, metric)
+        parent.end("FINISHED")
+        return 0
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM: the running trial was stopped on the way out
+        if parent is not None:
+            parent.end("KILLED")
+        raise
+    except BaseException:
+        if parent is not None:
+            parent.end("FAILED")
+        raise
+    finally:
+        lock.close()
+
+
+def _finish(study, parent, register: str | None, metric: str) -> None:
+    """The best trial on the parent run, and its model version aliased @best."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        log.warning("sweep: no trial completed; the parent run holds no best trial")
+        return
+    run_id = best.user_attrs.get("mlflow_run_id")
+    ended = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    parent.log_best(best.number, best.params, run_id, best.user_attrs.get("scores", {}), ended)
+    uri = parent.alias_best(register, run_id) if register else None
+    log.info("sweep: best trial %d: %s %.4f (%s)%s", best.number, metric.replace("_", "/"), best.value,
+             ", ".join(f"{k}={v}" for k, v in best.params.items()), f"; {uri}" if uri else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    init_logging(0)
+    if threading.current_thread() is threading.main_thread():
+        # As nin-train: SIGTERM exits through SystemExit, so the finally blocks stop the trial and end the runs.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return sweep(args)
+    except UserError as err:
+        return report("nin-sweep", err)
+
+
+def cli() -> None:
+    sys.exit(main())
+

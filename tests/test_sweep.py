@@ -1,0 +1,134 @@
+"""nin-sweep: the search space's checks, and a real sweep killed mid-trial and run again.
+
+The sweep runs real nin-train subprocesses into a real sqlite MLflow store in tmp_path, and is read
+back with MlflowClient and Optuna's own storage. The search space is the learning rate from 1e-5 (a
+model that stays at chance after an epoch) to 0.1 (one that learns): with the sampler seed 8 the
+first trials learn and a later one does not, so the median pruner stops it after its first epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from helpers import CPU_CONFIG, children, env, finish, start
+from mlflow import MlflowClient
+
+from nin_dist.config import load_config
+from nin_dist.errors import ConfigError
+from nin_dist.sweep.cli import main
+
+SPACE = "sweep:\n  optim.lr: {type: float, low: 1.0e-5, high: 0.1, log: true}\n"
+TINY = ["data.train_limit=1024", "data.val_size=128", "data.test_limit=100", "train.epochs=2", "train.batch_size=64",
+        "model.width=0.25", "optim.schedule=constant", "optim.warmup_epochs=0", "train.progress=false",
+        "train.threads=1", "tracking.system_metrics=false", "tracking.log_model=false"]
+
+
+def config_file(tmp_path: Path, section: str = SPACE) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(CPU_CONFIG.read_text() + section)
+    return path
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ("sweep:\n  optim.lrr: {type: float, low: 0.1, high: 1}\n", "sweep.optim.lrr: unknown config key; did you mean"),
+    ("sweep:\n  optim.lr: {type: gauss, low: 0.1, high: 1}\n", "type='gauss' is not allowed: float, int or"),
+    ("sweep:\n  optim.lr: {type: float, low: 1, high: 0.1}\n", "low=1.0, high=0.1 is not allowed: low below high"),
+    ("sweep:\n  optim.lr: {type: float, low: 0, high: 1, log: true}\n", "not allowed with log: true"),
+    ("sweep:\n  optim.lr: {type: float, lo: 0.1, high: 1}\n", "unknown field 'lo' of a float distribution"),
+    ("sweep:\n  run.name: [a, b]\n", "sweep.run.name is not allowed: nin-sweep sets run.* and tracking.*"),
+    ("sweep:\n  optim.lr: {type: float, low: 0.0, high: 1}\n", "sweep.optim.lr reaches 0.0, which the config refuses"),
+    ("sweep:\n  model.batchnorm: [true, true]\n", "each choice once"),
+    ("sweep: 3\n", "sweep must be a mapping of config keys to distributions"),
+])
+def test_a_bad_search_space_is_one_line_and_exit_2(tmp_path, capsys, section, message):
+    folder = tmp_path / "sweep"
+    code = main(["--config", str(config_file(tmp_path, section)), "--trials", "2", f"run.out_dir={folder}",
+                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not folder.exists() and not (tmp_path / "mlflow.db").exists()  # nothing started
+
+
+def test_a_searched_key_fixed_by_an_override_and_bad_flags_are_refused(tmp_path, capsys):
+    cfg = str(config_file(tmp_path))
+    assert main(["--config", cfg, "--trials", "2", "optim.lr=0.1"]) == 2
+    assert "optim.lr is both searched and fixed by an override" in capsys.readouterr().err
+    assert main(["--config", cfg, "--trials", "0"]) == 2
+    assert "--trials=0 is not allowed" in capsys.readouterr().err
+    assert main(["--config", cfg, "--trials", "1", "--register", "a/b"]) == 2
+    assert "tracking.register_model='a/b' is not allowed" in capsys.readouterr().err
+
+
+def test_nin_train_skips_the_sweep_section_and_refuses_sweep_keys(tmp_path):
+    cfg = load_config(config_file(tmp_path))
+    assert cfg.optim.lr == 0.05  # cpu.yaml's: the section is the sweep's, not the run's
+    with pytest.raises(ConfigError, match="unknown config key sweep.optim.lr"):
+        load_config(config_file(tmp_path), ["sweep.optim.lr=0.1"])
+
+
+def sweep_cmd(tmp_path: Path) -> list[str]:
+    return [sys.executable, "-m", "nin_dist.sweep", "--config", str(config_file(tmp_path)), "--trials", "4",
+            "--study", "lr", "--seed", "8", "--startup-trials", "1", *TINY,
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"run.out_dir={tmp_path}/sweep"]
+
+
+def kill_during_trial_1(proc, folder: Path) -> None:
+    """SIGKILL the sweep and its trial's process group once trial 1 has opened its MLflow run."""
+    log, deadline = folder / "trial-1.log", time.monotonic() + 300
+    while not (log.exists() and "tracking: MLflow run" in log.read_text()):
+        assert proc.poll() is None, finish(proc, 5)[1][-4000:]
+        assert time.monotonic() < deadline, "trial 1 never started"
+        time.sleep(0.2)
+    trials = children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    for pid in trials:
+        os.killpg(pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_sweep_killed_mid_trial_continues_the_same_study(tmp_path):
+    cmd = sweep_cmd(tmp_path)
+    kill_during_trial_1(start(cmd, cwd=tmp_path, env=env()), tmp_path / "sweep")
+    code, out = finish(start(cmd, cwd=tmp_path, env=env()), 900)
+    assert code == 0, out[-5000:]
+    assert "trial 1 was interrupted; continuing it" in out
+
+    study = optuna.load_study(study_name="lr", storage=f"sqlite:///{tmp_path}/optuna.db")
+    states = [t.state for t in study.trials]
+    assert len(states) == 4 and all(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+                                    for s in states), states
+    assert len({t.params["optim.lr"] for t in study.trials}) == 4  # none lost, none doubled
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, [(t.params, t.intermediate_values) for t in study.trials]
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.run_id for r in parents] == [study.user_attrs["parent_run_id"]]  # the same parent, once
+    parent = parents[0]
+    kids = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(kids) == [f"trial-{n}" for n in range(4)] and len(runs) == 5
+    for trial in study.trials:
+        kid = kids[f"trial-{trial.number}"]
+        assert float(kid.data.params["optim.lr"]) == trial.params["optim.lr"]
+        assert kid.data.tags["sweep.state"] == trial.state.name and kid.data.tags["sweep.trial"] == str(trial.number)
+        if trial.state == optuna.trial.TrialState.PRUNED:
+            assert kid.info.status == "KILLED" and "test/acc" not in kid.data.metrics
+        else:
+            assert kid.info.status == "FINISHED" and kid.data.metrics["val/acc"] == trial.value
+
+    best = study.best_trial
+    best_run = kids[f"trial-{best.number}"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["best.optim.lr"] == best_run.data.params["optim.lr"]
+    assert parent.data.params["best.trial"] == str(best.number)
+    assert parent.data.params["best.run_id"] == best_run.info.run_id
+    assert parent.data.metrics["best/val/acc"] == best_run.data.metrics["val/acc"] == best.value
+    assert parent.data.metrics["best/test/acc"] == best_run.data.metrics["test/acc"]
