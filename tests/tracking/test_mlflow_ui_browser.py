@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from browser import install_chromium, render, visible_text
@@ -29,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 EXPERIMENT = "nin-ui-sweep"
 METRIC = "test/acc"
+BEST_METRIC = "best/test/acc"  # the sweep's parent: its best trial's test/acc
 TRIALS = 2
 # One epoch of 2 steps on a tenth-width NiN, logged to the server: about 20 s, most of it imports.
 TINY_TRAIN = ["data.train_limit=256", "data.test_limit=256", "train.batch_size=128", "train.epochs=1",
@@ -92,43 +91,32 @@ def server_uri(server) -> str:
     return server.uri
 
 
-def _train_trial(uri: str, name: str, seed: int, folder: Path) -> subprocess.Popen:
-    args = ["--config", str(CPU_CONFIG), *TINY_TRAIN, f"tracking.uri={uri}", f"run.name={name}", f"seed={seed}",
-            f"run.out_dir={folder / name}"]
-    return start([sys.executable, "-m", "nin_dist.train", *args], cwd=folder, env=env(OMP_WAIT_POLICY="PASSIVE"))
-
-
 @pytest.fixture(scope="module")
 def sweep_runs(server_uri: str, tmp_path_factory) -> Sweep:
-    """The sweep the UI is checked on, logged to the server at `server_uri`: this fixture is where it is made.
+    """The sweep the UI is checked on: a real `nin-sweep` of TRIALS nin-train trials logged to the server.
 
-    A parent run ("sweep-ui", created first and finished last, as a sweep does) and TRIALS child runs,
-    each a real `nin-train` subprocess of its own seed logged to the server, tagged
-    `mlflow.parentRunId` = the parent (nin-train cannot be told its parent, so the tag is set with
-    MlflowClient once it has finished). The parent logs the best child's `test/acc`. Once `nin-sweep`
-    exists this fixture runs it instead and reads the same runs back.
+    Its parent run `sweep-ui` holds the best trial's `best/test/acc`; each child run `trial-N` (tagged
+    `mlflow.parentRunId` by nin-train itself) its own `test/acc`.
     """
     folder = tmp_path_factory.mktemp("sweep")
+    args = ["--config", str(CPU_CONFIG), "--trials", str(TRIALS), "--study", "ui", *TINY_TRAIN,
+            f"tracking.uri={server_uri}", f"run.out_dir={folder / 'sweep-ui'}"]
+    code, out = finish(start([sys.executable, "-m", "nin_dist.sweep", *args], cwd=folder,
+                             env=env(OMP_WAIT_POLICY="PASSIVE")), timeout=480)
+    assert code == 0, f"nin-sweep exited {code}:\n{out[-4000:]}"
     client = MlflowClient(server_uri)
-    experiment_id = client.create_experiment(EXPERIMENT)
-    parent = client.create_run(experiment_id, run_name="sweep-ui")
-    parent_id = parent.info.run_id
-    names = [f"sweep-ui-trial-{seed}" for seed in range(TRIALS)]
-    jobs = [_train_trial(server_uri, name, seed, folder) for seed, name in enumerate(names)]  # side by side
-    children = []
-    for name, job in zip(names, jobs, strict=True):
-        code, out = finish(job, timeout=240)
-        assert code == 0, f"nin-train {name} exited {code}:\n{out[-4000:]}"
-        run_id = json.loads((folder / name / "metrics.json").read_text())["mlflow_run_id"]
-        client.set_tag(run_id, "mlflow.parentRunId", parent_id)
-        run = client.get_run(run_id)
-        assert run.info.run_name == name and run.info.status == "FINISHED"
-        children.append(RunRef(run_id, name, run.data.metrics[METRIC]))
-    best = max(child.test_acc for child in children)
-    client.log_metric(parent_id, METRIC, best)
-    client.set_terminated(parent_id)
-    assert client.get_run(parent_id).data.metrics[METRIC] == best
-    return Sweep(experiment_id, RunRef(parent_id, "sweep-ui", best), children)
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    runs = client.search_runs([experiment_id])
+    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    children = sorted((run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                      key=lambda run: run.info.run_name)
+    assert parent.info.run_name == "sweep-ui" and parent.info.status == "FINISHED"
+    assert [run.info.run_name for run in children] == [f"trial-{n}" for n in range(TRIALS)]
+    assert all(run.info.status == "FINISHED" for run in children)
+    best = max(run.data.metrics[METRIC] for run in children)
+    assert parent.data.metrics[BEST_METRIC] == best
+    return Sweep(experiment_id, RunRef(parent.info.run_id, "sweep-ui", best),
+                 [RunRef(run.info.run_id, run.info.run_name, run.data.metrics[METRIC]) for run in children])
 
 
 def run_page(uri: str, sweep: Sweep, run: RunRef) -> str:
@@ -165,7 +153,7 @@ def test_parent_run_page_shows_its_name_best_test_acc_and_children(chromium, ser
     parent = sweep_runs.parent
     texts = render(chromium, run_page(server_uri, sweep_runs, parent), tmp_path, until=parent.name)
     assert f"Run {parent.run_id} - MLflow" in texts  # the page's title: this run's page, not another
-    assert metric_shown(texts, METRIC) == js_number(parent.test_acc)
+    assert metric_shown(texts, BEST_METRIC) == js_number(parent.test_acc)
     assert sorted(listed_after(texts, "Child runs", TRIALS)) == sorted(child.name for child in sweep_runs.children)
 
 
