@@ -198,6 +198,13 @@ def test_unreadable_config_path_is_one_config_error(tmp_path, make, message):
     ("model.stem_padding=11", "0 to model.stem_kernel - 1 = 10 pixels"),
     ("optim.momentum=1", "in [0, 1)"),
     ("optim.warmup_epochs=11", "at most train.epochs=10"),
+    ("data.val_size=60000", "0 to 59999 images"),
+    ("data.val_size=-1", "0 to 59999 images"),
+    ("data.translate=15", "0 to 14 pixels"),
+    ("data.erase=1.5", "a probability in [0, 1]"),
+    ("train.ema_decay=1", "in [0, 1) (0 = off)"),
+    ("tracking.parent_run_id=../x", "null or an MLflow run id"),
+    ("tracking.register_model=a@b", "null or a model name"),
 ])
 def test_every_value_is_range_checked(override, allowed):
     with pytest.raises(ConfigError, match=re.escape(allowed)) as err:
@@ -212,6 +219,7 @@ def test_every_value_is_range_checked(override, allowed):
     (["model.width=16", "model.stem_kernel=1024", "model.stem_padding=0", "data.resize=2048"],
      "model.width=16.0 is not allowed: a network of at most 1e+09 parameters"),
     (["model.stem_kernel=2048", "model.stem_stride=2048"], "no input up to 2048 pixels fits this stem"),
+    (["tracking.log_model=false", "tracking.register_model=m"], "null when tracking.log_model=false"),
 ])
 def test_cross_field_bounds(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

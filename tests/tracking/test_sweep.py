@@ -63,6 +63,11 @@ def test_a_searched_key_fixed_by_an_override_and_bad_flags_are_refused(tmp_path,
     assert "--trials=0 is not allowed" in capsys.readouterr().err
     assert main(["--config", cfg, "--trials", "1", "--register", "a/b"]) == 2
     assert "tracking.register_model='a/b' is not allowed" in capsys.readouterr().err
+    for flag, value in (("--nproc-per-node", "0"), ("--startup-trials", "-1"), ("--warmup-epochs", "-1")):
+        assert main(["--config", cfg, "--trials", "1", flag, value]) == 2
+        assert f"{flag}={value} is not allowed" in capsys.readouterr().err
+    assert main(["--config", cfg, "--trials", "1", "--study", "../up"]) == 2
+    assert "--study '../up' is not allowed" in capsys.readouterr().err
 
 
 def test_nin_train_skips_the_sweep_section_and_refuses_sweep_keys(tmp_path):
