@@ -28,6 +28,17 @@ if not torch.cuda.is_available():
 from helpers import data_dir  # noqa: E402  (after TRITON_INTERPRET is set)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (its own hook of the same name)
+def pytest_collection_modifyitems(items):
+    """Under `-n N --dist loadgroup`, every test of a module runs on one worker, so a module's fixtures
+    (a reference job, an MLflow server, a SLURM cluster) are made once. A module whose tests share no
+    costly fixture sets `SPREAD_OVER_WORKERS = True`; an explicit `xdist_group` mark (two modules that
+    share one session fixture) wins over both."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None and not getattr(item.module, "SPREAD_OVER_WORKERS", False):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     return data_dir().resolve()

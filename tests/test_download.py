@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import data_dir, env, free_port, overrides, run, torchrun_cmd
 
+from nin_dist import data as data_module
 from nin_dist import download as download_module
 from nin_dist.data import FILES, read_idx
 from nin_dist.errors import DataError
@@ -73,11 +74,12 @@ def real_files() -> dict[str, bytes]:
 
 @pytest.fixture
 def nowhere(tmp_path, monkeypatch):
-    """A working folder with no copy of the data anywhere the search looks (but Debian's)."""
+    """A working folder with no copy of the data anywhere the search looks: no $NIN_DATA_DIR, an empty
+    ./data, and the system location (Debian's dataset-fashion-mnist) pointed at an empty folder, so
+    what this machine has installed does not decide whether a download is tested."""
     monkeypatch.delenv("NIN_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
-    if Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
-        pytest.skip("Debian's dataset-fashion-mnist is installed: the search finds it before any download")
+    monkeypatch.setattr(data_module, "DEBIAN_ROOT", str(tmp_path / "no-system-copy"))
     return tmp_path
 
 
