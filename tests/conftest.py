@@ -27,16 +27,38 @@ if not torch.cuda.is_available():
 
 from helpers import data_dir  # noqa: E402  (after TRITON_INTERPRET is set)
 
+# How the test workers (pytest-xdist, `-n 2` in pyproject.toml) share the suite. By default every test
+# of a module runs on one worker, so a module's fixtures (a reference job, an MLflow server, a SLURM
+# cluster) are made once. Modules of independent tests with no costly shared fixture are spread test
+# by test; modules that share one session fixture run on one worker together.
+SPREAD_OVER_WORKERS = {
+    "tests/kernels/test_pointwise_mlp.py", "tests/test_train.py", "tests/test_config.py",
+    "tests/test_model_kernel.py", "tests/test_checkpoint.py", "tests/test_run_dir.py", "tests/bench/test_bench_cli.py",
+}
+SHARED_BY_MODULES = {  # module -> the group it runs in
+    "tests/tracking/test_sweep.py": "sweep",  # the killed-and-resumed sweep (tracking/sweeps.py)
+    "tests/tracking/test_mlflow_ui_browser.py": "sweep",
+}
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (its own hook of the same name)
-def pytest_collection_modifyitems(items):
-    """Under `-n N --dist loadgroup`, every test of a module runs on one worker, so a module's fixtures
-    (a reference job, an MLflow server, a SLURM cluster) are made once. A module whose tests share no
-    costly fixture sets `SPREAD_OVER_WORKERS = True`; an explicit `xdist_group` mark (two modules that
-    share one session fixture) wins over both."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None and not getattr(item.module, "SPREAD_OVER_WORKERS", False):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+def _worker_scope(nodeid: str) -> str:
+    """The unit the test workers are given: tests of one scope run on one worker, in order."""
+    module = nodeid.split("::", 1)[0]
+    if module in SHARED_BY_MODULES:
+        return SHARED_BY_MODULES[module]
+    return nodeid if module in SPREAD_OVER_WORKERS else module
+
+
+@pytest.hookimpl(tryfirst=True)  # ahead of xdist's own choice from --dist
+def pytest_xdist_make_scheduler(config, log):
+    # xdist's loadgroup (marks) cannot be used: it renames the test ids, which pytest 9.2 no longer allows.
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByScope(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _worker_scope(nodeid)
+
+    return ByScope(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,6 @@ from nin_dist import checkpoint as ckpt
 from nin_dist.distributed import DistInfo
 from nin_dist.errors import CheckpointError
 
-# Independent tests with no costly shared fixture: spread over the test workers (tests/conftest.py).
-SPREAD_OVER_WORKERS = True
-
 WORLD_OF_ONE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"),
                         backend=None)
 # 128 training images in global batches of 16, 8 steps per epoch.

@@ -24,9 +24,6 @@ from nin_dist.errors import ConfigError
 from nin_dist.shapes import parameter_count
 from nin_dist.train import main
 
-# Independent tests with no costly shared fixture: spread over the test workers (tests/conftest.py).
-SPREAD_OVER_WORKERS = True
-
 REPO = Path(__file__).resolve().parents[1]
 REPO_CONFIGS = ("configs/d2l.yaml", "configs/cpu.yaml", "configs/fast.yaml")
 FLOAT_KEYS = [key for key, value in flatten(Config()).items() if isinstance(value, float)]

@@ -8,9 +8,6 @@ import torch
 from nin_dist.config import ModelConfig
 from nin_dist.model import NiN, build_model, init_weights
 
-# Independent tests with no costly shared fixture: spread over the test workers (tests/conftest.py).
-SPREAD_OVER_WORKERS = True
-
 # The CPU config's network (configs/cpu.yaml), at 28 x 28.
 CPU_MODEL = ModelConfig(width=0.25, dropout=0.1, batchnorm=True, stem_kernel=5, stem_stride=1, stem_padding=2)
 

@@ -29,9 +29,6 @@ from helpers import (
 from nin_dist import checkpoint as ckpt
 from nin_dist.model import NiN
 
-# Independent tests with no costly shared fixture: spread over the test workers (tests/conftest.py).
-SPREAD_OVER_WORKERS = True
-
 # 128 training images in global batches of 16: 8 steps per epoch; 200 test images.
 TINY = {"data__train_limit": 128, "data__test_limit": 200, "train__batch_size": 16, "train__epochs": 2}
 STEPS_PER_EPOCH = 8

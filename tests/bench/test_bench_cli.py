@@ -7,9 +7,6 @@ import torch
 
 from nin_dist.bench.__main__ import main
 
-# Independent tests with no costly shared fixture: spread over the test workers (tests/conftest.py).
-SPREAD_OVER_WORKERS = True
-
 
 def test_bench_data_prints_both_pipelines_and_the_ratio(tmp_path, data_root, capsys):
     out = tmp_path / "data.json"

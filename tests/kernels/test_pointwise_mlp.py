@@ -22,9 +22,6 @@ from torch import nn
 import kernels
 from kernels import fused_pointwise_mlp, ops, reference_pointwise_mlp
 
-# Independent tests with no costly shared fixture: spread over the test workers (tests/conftest.py).
-SPREAD_OVER_WORKERS = True
-
 REPO = Path(__file__).resolve().parents[2]
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from helpers import data_dir
 from mlflow_server import Server
+from sweeps import SweepRun, killed_and_resumed_sweep
 
 from nin_dist.data import load_split
 
@@ -45,3 +46,10 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def splits():
     return load_split(data_dir(), "train", limit=64), load_split(data_dir(), "test", limit=50)
+
+
+@pytest.fixture(scope="session")
+def resumed_sweep(tmp_path_factory) -> SweepRun:
+    """The real sweep killed mid-trial and run again (tests/tracking/sweeps.py); made once, read by
+    test_sweep.py and, served by a real server, by the browser test."""
+    return killed_and_resumed_sweep(tmp_path_factory.mktemp("sweep"))

@@ -30,14 +30,16 @@ def free_port() -> int:
 class Server:
     """launch/mlflow-server.sh on 127.0.0.1:<free port>, with its store and artifacts under `root`."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, backend: str | None = None):
+        """`backend`: the store to serve (default: a new sqlite file under `root`)."""
         self.root, self.port = root, free_port()
+        self.backend = backend or f"sqlite:///{root}/server.db"
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 120.0) -> None:
         env = os.environ | {"HOST": "127.0.0.1", "PORT": str(self.port), "WORKERS": "1",
-                            "BACKEND": f"sqlite:///{self.root}/server.db", "ARTIFACTS": str(self.root / "artifacts"),
+                            "BACKEND": self.backend, "ARTIFACTS": str(self.root / "artifacts"),
                             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         with open(self.root / "server.log", "a") as log:  # the server keeps its own copy of the file
             self.proc = subprocess.Popen(["bash", str(SCRIPT)], cwd=self.root, env=env,

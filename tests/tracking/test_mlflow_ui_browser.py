@@ -1,6 +1,7 @@
 """The MLflow UI in a real browser: a sweep's runs as a user sees them on launch/mlflow-server.sh.
 
-The server is the real one (tests/tracking/mlflow_server.py); the browser is Debian's headless
+The server is the real one (tests/tracking/mlflow_server.py), serving the store of the real sweep
+that tests/tracking/test_sweep.py checks (tests/tracking/sweeps.py); the browser is Debian's headless
 Chromium (tests/tracking/browser.py), apt-installed when missing; the test is skipped, saying why,
 only where apt cannot install it. The UI is a React single-page app: everything checked here is
 text the browser drew after running its JavaScript, not the HTML the server sent.
@@ -14,25 +15,19 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 from decimal import Decimal
 
 import pytest
 from browser import install_chromium, render, visible_text
-from helpers import CPU_CONFIG, env, finish, start
 from mlflow import MlflowClient
+from mlflow_server import Server
+from sweeps import TRIALS, SweepRun
 
 pytestmark = pytest.mark.slow
 
-EXPERIMENT = "nin-ui-sweep"
 METRIC = "test/acc"
 BEST_METRIC = "best/test/acc"  # the sweep's parent: its best trial's test/acc
-TRIALS = 2
-# One epoch of 2 steps on a tenth-width NiN, logged to the server: about 20 s, most of it imports.
-TINY_TRAIN = ["data.train_limit=256", "data.test_limit=256", "train.batch_size=128", "train.epochs=1",
-              "train.threads=1", "train.progress=false", "model.width=0.1", "tracking.system_metrics=false",
-              "tracking.log_model=false", f"tracking.experiment={EXPERIMENT}"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +41,8 @@ class RunRef:
 class Sweep:
     experiment_id: str
     parent: RunRef
-    children: list[RunRef]
+    children: list[RunRef]  # those that finished (a pruned trial logs no test/acc)
+    child_names: list[str]  # every child, pruned ones too
 
 
 def js_number(x: float) -> str:
@@ -87,36 +83,32 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def server_uri(server) -> str:
-    return server.uri
+def server_uri(resumed_sweep: SweepRun, tmp_path_factory):
+    """launch/mlflow-server.sh serving the sweep's sqlite store."""
+    server = Server(tmp_path_factory.mktemp("ui-server"), backend=resumed_sweep.tracking_uri)
+    server.start()
+    yield server.uri
+    server.kill()
 
 
 @pytest.fixture(scope="module")
-def sweep_runs(server_uri: str, tmp_path_factory) -> Sweep:
-    """The sweep the UI is checked on: a real `nin-sweep` of TRIALS nin-train trials logged to the server.
-
-    Its parent run `sweep-ui` holds the best trial's `best/test/acc`; each child run `trial-N` (tagged
-    `mlflow.parentRunId` by nin-train itself) its own `test/acc`.
-    """
-    folder = tmp_path_factory.mktemp("sweep")
-    args = ["--config", str(CPU_CONFIG), "--trials", str(TRIALS), "--study", "ui", *TINY_TRAIN,
-            f"tracking.uri={server_uri}", f"run.out_dir={folder / 'sweep-ui'}"]
-    code, out = finish(start([sys.executable, "-m", "nin_dist.sweep", *args], cwd=folder,
-                             env=env(OMP_WAIT_POLICY="PASSIVE")), timeout=480)
-    assert code == 0, f"nin-sweep exited {code}:\n{out[-4000:]}"
+def sweep_runs(server_uri: str) -> Sweep:
+    """The sweep's runs as the server's MlflowClient reads them: the parent (holding the best trial's
+    `best/test/acc`) and the children that finished (`trial-N`, tagged `mlflow.parentRunId` by nin-train
+    itself, each with its own `test/acc`; a pruned child has none)."""
     client = MlflowClient(server_uri)
-    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
-    runs = client.search_runs([experiment_id])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     children = sorted((run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
                       key=lambda run: run.info.run_name)
-    assert parent.info.run_name == "sweep-ui" and parent.info.status == "FINISHED"
     assert [run.info.run_name for run in children] == [f"trial-{n}" for n in range(TRIALS)]
-    assert all(run.info.status == "FINISHED" for run in children)
-    best = max(run.data.metrics[METRIC] for run in children)
-    assert parent.data.metrics[BEST_METRIC] == best
-    return Sweep(experiment_id, RunRef(parent.info.run_id, "sweep-ui", best),
-                 [RunRef(run.info.run_id, run.info.run_name, run.data.metrics[METRIC]) for run in children])
+    finished = [run for run in children if run.info.status == "FINISHED"]
+    assert finished and parent.info.status == "FINISHED"
+    assert parent.data.metrics[BEST_METRIC] == max(run.data.metrics[METRIC] for run in finished)
+    return Sweep(parent.info.experiment_id,
+                 RunRef(parent.info.run_id, parent.info.run_name, parent.data.metrics[BEST_METRIC]),
+                 [RunRef(run.info.run_id, run.info.run_name, run.data.metrics[METRIC]) for run in finished],
+                 [run.info.run_name for run in children])
 
 
 def run_page(uri: str, sweep: Sweep, run: RunRef) -> str:
@@ -154,7 +146,7 @@ def test_parent_run_page_shows_its_name_best_test_acc_and_children(chromium, ser
     texts = render(chromium, run_page(server_uri, sweep_runs, parent), tmp_path, until=parent.name)
     assert f"Run {parent.run_id} - MLflow" in texts  # the page's title: this run's page, not another
     assert metric_shown(texts, BEST_METRIC) == js_number(parent.test_acc)
-    assert sorted(listed_after(texts, "Child runs", TRIALS)) == sorted(child.name for child in sweep_runs.children)
+    assert sorted(listed_after(texts, "Child runs", TRIALS)) == sweep_runs.child_names
 
 
 def test_child_run_page_shows_its_name_test_acc_and_parent(chromium, server_uri, sweep_runs, tmp_path):

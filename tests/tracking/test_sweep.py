@@ -1,38 +1,20 @@
 """nin-sweep: the search space's checks, and a real sweep killed mid-trial and run again.
 
-The sweep runs real nin-train subprocesses into a real sqlite MLflow store in tmp_path, and is read
-back with MlflowClient and Optuna's own storage. The search space is the learning rate from 1e-5 (a
-model that stays at chance after an epoch) to 0.1 (one that learns): with the sampler seed 8 the
-first trials learn and a later one does not, so the median pruner stops it after its first epoch.
+The sweep (tests/tracking/sweeps.py, the session fixture `resumed_sweep`) runs real nin-train
+subprocesses into a real sqlite MLflow store, and is read back here with MlflowClient and Optuna's
+own storage.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
-import time
-from pathlib import Path
-
 import optuna
 import pytest
-from helpers import CPU_CONFIG, children, env, finish, start
 from mlflow import MlflowClient
+from sweeps import config_file
 
 from nin_dist.config import load_config
 from nin_dist.errors import ConfigError
 from nin_dist.sweep.cli import main
-
-SPACE = "sweep:\n  optim.lr: {type: float, low: 1.0e-5, high: 0.1, log: true}\n"
-TINY = ["data.train_limit=1024", "data.val_size=128", "data.test_limit=100", "train.epochs=2", "train.batch_size=64",
-        "model.width=0.25", "optim.schedule=constant", "optim.warmup_epochs=0", "train.progress=false",
-        "train.threads=1", "tracking.system_metrics=false", "tracking.log_model=false"]
-
-
-def config_file(tmp_path: Path, section: str = SPACE) -> Path:
-    path = tmp_path / "cfg.yaml"
-    path.write_text(CPU_CONFIG.read_text() + section)
-    return path
 
 
 @pytest.mark.parametrize(("section", "message"), [
@@ -77,35 +59,11 @@ def test_nin_train_skips_the_sweep_section_and_refuses_sweep_keys(tmp_path):
         load_config(config_file(tmp_path), ["sweep.optim.lr=0.1"])
 
 
-def sweep_cmd(tmp_path: Path) -> list[str]:
-    return [sys.executable, "-m", "nin_dist.sweep", "--config", str(config_file(tmp_path)), "--trials", "4",
-            "--study", "lr", "--seed", "8", "--startup-trials", "1", *TINY,
-            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"run.out_dir={tmp_path}/sweep"]
-
-
-def kill_during_trial_1(proc, folder: Path) -> None:
-    """SIGKILL the sweep and its trial's process group once trial 1 has opened its MLflow run."""
-    log, deadline = folder / "trial-1.log", time.monotonic() + 300
-    while not (log.exists() and "tracking: MLflow run" in log.read_text()):
-        assert proc.poll() is None, finish(proc, 5)[1][-4000:]
-        assert time.monotonic() < deadline, "trial 1 never started"
-        time.sleep(0.2)
-    trials = children(proc.pid)
-    os.kill(proc.pid, signal.SIGKILL)
-    for pid in trials:
-        os.killpg(pid, signal.SIGKILL)
-    proc.wait()
-
-
 @pytest.mark.slow
-def test_sweep_killed_mid_trial_continues_the_same_study(tmp_path):
-    cmd = sweep_cmd(tmp_path)
-    kill_during_trial_1(start(cmd, cwd=tmp_path, env=env()), tmp_path / "sweep")
-    code, out = finish(start(cmd, cwd=tmp_path, env=env()), 900)
-    assert code == 0, out[-5000:]
-    assert "trial 1 was interrupted; continuing it" in out
+def test_sweep_killed_mid_trial_continues_the_same_study(resumed_sweep):
+    assert "trial 1 was interrupted; continuing it" in resumed_sweep.output
 
-    study = optuna.load_study(study_name="lr", storage=f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.load_study(study_name="lr", storage=resumed_sweep.optuna_storage)
     states = [t.state for t in study.trials]
     assert len(states) == 4 and all(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
                                     for s in states), states
@@ -113,7 +71,7 @@ def test_sweep_killed_mid_trial_continues_the_same_study(tmp_path):
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned, [(t.params, t.intermediate_values) for t in study.trials]
 
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(resumed_sweep.tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.run_id for r in parents] == [study.user_attrs["parent_run_id"]]  # the same parent, once
