@@ -34,7 +34,7 @@ from tqdm import tqdm
 from nin_dist import checkpoint as ckpt
 from nin_dist import distributed, precision
 from nin_dist.config import Config, config_hash, load_config, model_relevant
-from nin_dist.data import TrainBatches, hold_out, load_datasets, to_inputs
+from nin_dist.data import TrainBatches, hold_out, load_datasets
 from nin_dist.distributed import DistInfo
 from nin_dist.ema import WeightEMA
 from nin_dist.errors import CheckpointError, ConfigError, DivergedError, UserError, first_line, report
@@ -197,8 +197,7 @@ class Trainer:
                    "world_size": self.info.world_size, "mlflow_run_id": self.tracker.run_id,
                    "wall_s": time.perf_counter() - self.started, "history": self.history}
         self.tracker.log_artifact_file(self.run_dir.write_json("metrics.json", metrics))
-        example = to_inputs(self.test_split.images[:4].cpu(), self.cfg.data)
-        self.tracker.log_model(self.evaluated.portable_copy(), example)
+        self.tracker.log_model(self.evaluated.portable_copy(), self.test_split.images[:2].cpu())
         return metrics
 
     def save(self) -> None:

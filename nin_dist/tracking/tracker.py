@@ -70,6 +70,7 @@ class MLflowTracker:
         self._timeout_s = tcfg.timeout_s
         self._log_model_enabled, self._system_metrics = tcfg.log_model, tcfg.system_metrics
         self._register_as = tcfg.register_model  # registered model name, or None
+        self._preprocessing = cfg.data, cfg.train.tta  # what the logged model does before and after the network
         self.uri, source = resolve_uri(tcfg.uri)
         self._secrets = secret_values((tcfg.uri, self.uri))
         if self._system_metrics:
@@ -174,15 +175,16 @@ class MLflowTracker:
 
         self._put(render)
 
-    def log_model(self, model, example) -> None:
-        """The model as an MLflow pytorch model named "model", with the signature of `example` -> output
-        and `example` as input example, then a new version of `tracking.register_model` when set.
+    def log_model(self, model, images) -> None:
+        """The model as the MLflow model named "model" (`nin_dist.tracking.saved_model`: raw images in,
+        the run's preprocessing inside; the plain network as its pytorch flavor), with `images` (raw
+        uint8 test images) as examples, then a new version of `tracking.register_model` when set.
         `model` must run on the CPU as it is (`NiN.portable_copy()`)."""
         if not self._log_model_enabled or self._closed:
             return
         try:
             path = self._spool.stage("model")
-            save_model(model, example, path)
+            save_model(model, images, *self._preprocessing, path)
         except Exception:  # the run's result is in the checkpoint; a tracking copy must not fail it
             log.exception("tracking: the model could not be saved for MLflow (the checkpoint holds its weights)")
             return
