@@ -29,6 +29,7 @@ pickle would too). The files go as they are, to be loaded by whoever loads the m
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -61,6 +62,8 @@ def save_model(model, images, data, tta: bool, path: Path) -> None:
     from nin_dist.data import CLASSES, to_inputs
     from nin_dist.tracking.mlflow_internals import inputs_as_sent
 
+    # MLflow copies the artifacts into the model with a progress bar on stderr: carriage-return frames in a log file.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     model = _in_default_layout(model)
     images = images[:2].cpu()
     x = to_inputs(images, data)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from nin_dist.errors import TrackingError
 from nin_dist.tracking.mlflow_internals import system_metrics_monitor
-from nin_dist.tracking.redaction import redact, redact_error, redact_uri, secret_values
+from nin_dist.tracking.redaction import quiet_run_links, redact, redact_error, redact_uri, run_link, secret_values
 from nin_dist.tracking.run import open_run
 from nin_dist.tracking.saved_model import save_model
 from nin_dist.tracking.sender import Sender
@@ -79,6 +79,7 @@ class MLflowTracker:
             except ImportError:
                 raise TrackingError("tracking.system_metrics=true needs the psutil package "
                                     "(pip install psutil), or set tracking.system_metrics=false") from None
+        quiet_run_links()  # MLflow's own line at the end quotes the URI, password included
         self._http_bounds = HttpBounds(tcfg.timeout_s).open()
         try:
             check_reachable(self.uri, source, tcfg.timeout_s)
@@ -87,6 +88,7 @@ class MLflowTracker:
             mlflow.set_tracking_uri(self.uri)
             self._client = mlflow.MlflowClient(self.uri)
             self.run_id = self._open_run(cfg, info, resume_run_id, tags or {})
+            self.link = run_link(self.uri, self._client.get_run(self.run_id).info.experiment_id, self.run_id)
         except BaseException:
             self._http_bounds.close()
             raise
@@ -228,6 +230,8 @@ class MLflowTracker:
                         redact_uri(self.uri), self._spool.folder, self._spool.folder.parent)
         else:
             self._spool.remove_if_idle()
+        if self.link:
+            log.info("tracking: view run %s at %s", self.run_id, self.link)
 
     # ------------------------------------------------------------------ MLflow's system metrics
 
