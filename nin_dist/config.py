@@ -47,6 +47,7 @@ MAX_TIMEOUT_S = 3600.0  # one tracking call; longer waits stall the run, and the
 RUN_ID = re.compile(r"[A-Za-z0-9][\w-]{0,255}")  # what MLflow accepts as a run id
 # A registered model's name, as a `models:/NAME@alias` URI can carry it (MLflow splits those at / and @).
 MODEL_NAME = re.compile(r"(?!\.\.|\.$)[^\s/:@%\x00-\x1f\x7f](?:[^/:@%\x00-\x1f\x7f]{0,254}[^\s/:@%\x00-\x1f\x7f])?")
+PROGRESS_MODES = ("auto", "bar", "lines", "off")  # train.progress (nin_dist.progress)
 SWEEP_SECTION = "sweep"  # nin-sweep's search space in a config file (nin_dist.sweep.space); nin-train skips it
 
 @dataclass(frozen=True)
@@ -153,7 +154,10 @@ class TrainConfig:
     log_every: int = 50  # steps between train-loss logs (step 1, then every N)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
     bucket_cap_mb: float = 25.0  # DDP gradient bucket size, MiB
-    progress: bool = True  # tqdm bar on rank 0
+    # Rank 0's progress display: bar (tqdm, for a terminal), lines (one log line every train.log_every
+    # steps, no carriage returns: for log files), off, or auto = bar when stderr is a terminal, else
+    # lines. true means auto and false off (YAML reads `off` as false).
+    progress: bool | str = "auto"
     ema_decay: float = 0.0  # exponential moving average of the weights, evaluated and logged; 0 = off
     tta: bool = False  # evaluation averages the class probabilities of each image and its mirror
     eval_test_every_epoch: bool = False  # with data.val_size: score test every epoch too, not only at the end
@@ -178,6 +182,10 @@ class TrainConfig:
         require(0 < self.bucket_cap_mb <= MAX_BUCKET_MB, "train.bucket_cap_mb",
                  f"a positive size in MiB up to {MAX_BUCKET_MB:g}", self.bucket_cap_mb)
         require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "in [0, 1) (0 = off)", self.ema_decay)
+        if isinstance(self.progress, bool):  # the switch's old form: stored as the mode it means
+            object.__setattr__(self, "progress", "auto" if self.progress else "off")
+        require(self.progress in PROGRESS_MODES, "train.progress", "auto, bar, lines or off (true = auto, "
+                "false = off)", self.progress)
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,17 @@
     nin-eval runs:/<run_id>/model                 # a run's model, as MLflow resolves it
     nin-eval runs/NAME/checkpoints/last.pt        # a checkpoint (or its run folder runs/NAME)
     nin-eval MODEL --split val --json eval.json train.tta=true data.root=DIR
+    nin-eval MODEL --predictions predictions.csv  # and each image's predicted class and probabilities
 
 The data, its preprocessing and the evaluation settings (`data.*`, `seed`, `train.tta`,
 `train.eval_batch_size`, `train.precision`) are the model's own run's (`nin_dist.model_source`), so
 on the same data the command gives exactly the run's `test/acc`; `key=value` overrides apply on top,
 and `--config` replaces the stored config (a checkpoint without its run folder). It prints the loss,
 the accuracy, the accuracy of each class and the confusion matrix, writes the same numbers to
-`--json PATH`, and with tracking on (`tracking.enabled`, `tracking.uri` or `$MLFLOW_TRACKING_URI`, as
-for nin-train; MLflow models are looked up there too) logs an evaluation run linked to the model
+`--json PATH` (and with `--predictions PATH` a CSV of every image: its true label, the predicted
+label and class name, and the class probabilities, as the served model answers them), and with
+tracking on (`tracking.enabled`, `tracking.uri` or `$MLFLOW_TRACKING_URI`, as for nin-train; MLflow
+models are looked up there too) logs an evaluation run linked to the model
 (`nin_dist.tracking.evaluation`). Exit codes: 0 done, 2 user error (one line), 1 anything else.
 """
 
@@ -54,6 +57,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--split", choices=("test", "val"), default="test",
                         help="the split scored (val: the data.val_size images the run held out)")
     parser.add_argument("--json", metavar="PATH", help="write the results here (atomically)")
+    parser.add_argument("--predictions", metavar="PATH",
+                        help="write each image's true label, predicted label, class name and probabilities (CSV)")
     parser.add_argument("--config", help="YAML config to use instead of the one stored with the model")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser.parse_intermixed_args(argv)  # options before, between or after the overrides
@@ -66,13 +71,13 @@ def tracking_settings(config: str | None, overrides: list[str]):
     return load_config(config, [o for o in overrides if o.strip().startswith("tracking.")], others).tracking
 
 
-def check_json_path(path: str | None) -> Path | None:
-    """--json PATH, checked before any work: its folder exists and PATH is not a folder."""
+def check_json_path(path: str | None, flag: str = "--json") -> Path | None:
+    """An output PATH (--json, --predictions), checked before any work: its folder exists and PATH is not a folder."""
     if path is None:
         return None
     target = Path(path).expanduser()
     if target.is_dir() or not target.parent.is_dir():
-        raise UserError(f"--json {path}: " + ("is a folder" if target.is_dir() else "its folder does not exist"))
+        raise UserError(f"{flag} {path}: " + ("is a folder" if target.is_dir() else "its folder does not exist"))
     return target
 
 
@@ -123,7 +128,18 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_atomically(path: Path, text: str) -> None:
+def predictions_csv(split: Split, scored: Evaluation) -> str:
+    """One row per image: image (index in the split), true_label, label (predicted), class_name, p0..p9;
+    probabilities as the shortest text that reads back to the same fp32 value."""
+    header = ["image", "true_label", "label", "class_name", *(f"p{k}" for k in range(len(CLASSES)))]
+    rows = [",".join(header)]
+    for i, (true, label, p) in enumerate(zip(split.labels.tolist(), scored.predictions.tolist(),
+                                             scored.probabilities.cpu().tolist(), strict=True)):
+        rows.append(",".join([str(i), str(true), str(label), f'"{CLASSES[label]}"', *map(repr, p)]))
+    return "\n".join(rows) + "\n"
+
+
+def write_atomically(path: Path, text: str, flag: str = "--json") -> None:
     """Write `text` to `path` through a temp file in its folder: a reader sees the old file or the new one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -135,11 +151,12 @@ def write_atomically(path: Path, text: str) -> None:
     except OSError as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise UserError(f"--json {path}: cannot be written ({err.strerror or err})") from None
+        raise UserError(f"{flag} {path}: cannot be written ({err.strerror or err})") from None
 
 
 def run(args: argparse.Namespace, folder: Path) -> int:
     json_path = check_json_path(args.json)
+    predictions_path = check_json_path(args.predictions, "--predictions")
     tracking = tracking_settings(args.config, args.overrides)
     opened: OpenedModel = open_model(args.model, resolve_uri(tracking.uri)[0], folder)
     if args.config is None and opened.config_path is None:
@@ -169,6 +186,9 @@ def run(args: argparse.Namespace, folder: Path) -> int:
         write_atomically(report_path, text)
         if json_path is not None:
             log.info("wrote %s", json_path)
+        if predictions_path is not None:
+            write_atomically(predictions_path, predictions_csv(split, scored), "--predictions")
+            log.info("wrote %s", predictions_path)
         tracked.log(split, metrics(result), report_path)
         status = "FINISHED"
     finally:

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 
 from nin_dist import distributed
 from nin_dist.config import DataConfig, TrainConfig
-from nin_dist.data import Split, eval_batches
+from nin_dist.data import CLASSES, Split, eval_batches
 from nin_dist.distributed import DistInfo
 from nin_dist.precision import autocast, prepare
+
+NUM_CLASSES = len(CLASSES)
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class Evaluation:
     acc: float
     count: int  # images scored, over all ranks
     predictions: torch.Tensor | None  # [count] predicted classes on every rank, when asked for
+    probabilities: torch.Tensor | None = None  # [count, classes] (TTA-averaged) class probabilities, with them
 
 
 @torch.no_grad()
@@ -39,6 +42,7 @@ def evaluate(model: torch.nn.Module, split: Split, data: DataConfig, train: Trai
     model.eval()
     sums = torch.zeros(3, device=info.device, dtype=torch.float64)  # loss sum, correct, images
     preds = torch.zeros(len(split), device=info.device, dtype=torch.long) if with_predictions else None
+    probs = torch.zeros(len(split), NUM_CLASSES, device=info.device) if with_predictions else None
     for inputs, labels, index in eval_batches(split, data, train.eval_batch_size, info.rank, info.world_size):
         log_p = log_probabilities(model, prepare(inputs, train), train, info.device)
         sums[0] += F.nll_loss(log_p, labels, reduction="sum")  # cross-entropy: log_p is a log_softmax
@@ -46,12 +50,14 @@ def evaluate(model: torch.nn.Module, split: Split, data: DataConfig, train: Trai
         sums[2] += labels.numel()
         if preds is not None:
             preds[index.to(info.device)] = log_p.argmax(1)
+            probs[index.to(info.device)] = log_p.exp()
     distributed.all_reduce_sum_(sums)
     if preds is not None:
         distributed.all_reduce_sum_(preds)  # every other rank holds zeros at this rank's indices
+        distributed.all_reduce_sum_(probs)
     loss, correct, count = sums.tolist()
     model.train()
-    return Evaluation(loss / count, correct / count, int(count), preds)
+    return Evaluation(loss / count, correct / count, int(count), preds, probs)
 
 
 def log_probabilities(model: torch.nn.Module, inputs: torch.Tensor, train: TrainConfig,

@@ -7,8 +7,10 @@ MODEL is one of
 - `runs:/<run_id>/model`: the model a run logged, as MLflow resolves it;
 - a checkpoint (`RUN/checkpoints/last.pt`), or the run folder `RUN` holding one.
 
-An MLflow model is loaded with `mlflow.pytorch.load_model(MODEL)`: the exported (`pt2`) graph that
-nin-train logs, which MLflow checks to be free of pickles before loading. Its config is the
+An MLflow model is loaded with `mlflow.pytorch.load_model(MODEL)`: the plain network nin-train logs
+as the model's pytorch flavor, an exported (`pt2`) graph, which MLflow checks to be free of pickles
+before loading; the preprocessing is then done here from the run's config, as the run did it (the
+model's own python_function flavor, which carries it inside, is what `mlflow models serve` runs). Its config is the
 `config.yaml` its source run logged. A checkpoint is untrusted input: it is read with
 `torch.load(weights_only=True)` and its weights go into a NiN rebuilt from the run folder's
 `config.yaml` (`RUN/config.yaml` for `RUN/checkpoints/last.pt`); the weights are the moving average

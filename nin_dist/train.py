@@ -29,12 +29,11 @@ from pathlib import Path
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
-from tqdm import tqdm
 
 from nin_dist import checkpoint as ckpt
 from nin_dist import distributed, precision
 from nin_dist.config import Config, config_hash, load_config, model_relevant
-from nin_dist.data import TrainBatches, hold_out, load_datasets, to_inputs
+from nin_dist.data import TrainBatches, hold_out, load_datasets
 from nin_dist.distributed import DistInfo
 from nin_dist.ema import WeightEMA
 from nin_dist.errors import CheckpointError, ConfigError, DivergedError, UserError, first_line, report
@@ -44,6 +43,7 @@ from nin_dist.model import build_model
 from nin_dist.optim import apply_hyperparameters, build_optimizer, build_scheduler, state_is_finite
 from nin_dist.perf import mfu
 from nin_dist.precision import check_device, memory_format, param_dtype, prepare
+from nin_dist.progress import Progress
 from nin_dist.run_dir import RunDir, open_run_dir, resolve_run
 from nin_dist.scoring import Scorer
 from nin_dist.step import accumulate, train_step
@@ -119,8 +119,7 @@ class Trainer:
             self.tracker.log_datasets(self.train_split, self.test_split, self.val_split)
         max_steps = cfg.train.max_steps or math.inf
         results, predictions = {}, None
-        bar = tqdm(total=batches.steps_per_epoch * cfg.train.epochs, initial=self.step, unit="step",
-                   disable=not (info.is_main and cfg.train.progress), dynamic_ncols=True)
+        progress = Progress(cfg.train.progress, batches.steps_per_epoch * cfg.train.epochs, self.step, info.is_main)
         while self.epoch < cfg.train.epochs and self.step < max_steps:
             t0, images = time.perf_counter(), 0
             sums = torch.zeros(3, device=info.device, dtype=torch.float64)  # loss sum, correct, images
@@ -133,9 +132,9 @@ class Trainer:
                     self.ema.update(self.raw_model, self.step)  # self.step: the updates before this one
                 accumulate(sums, loss, logits, labels)
                 self.step, self.epoch_step, images = self.step + 1, self.epoch_step + 1, images + batches.global_batch
-                bar.update(1)
+                progress.update()
                 if self.step == 1 or self.step % cfg.train.log_every == 0:
-                    self._log_loss(loss, bar, images / (time.perf_counter() - t0))
+                    self._log_loss(loss, progress, images / (time.perf_counter() - t0))
                 if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                     self.save()
                 if self.step >= max_steps:
@@ -146,7 +145,7 @@ class Trainer:
             if epoch_done:
                 self.epoch, self.epoch_step = self.epoch + 1, 0
             self.save()
-        bar.close()
+        progress.close()
         if not results:  # resumed from a checkpoint of a finished run (e.g. a restart after the last save)
             scores = self.scorer.score(self.evaluated, last=True)
             results, predictions = scores.metrics(), scores.predictions
@@ -158,11 +157,11 @@ class Trainer:
         """The model that is scored and logged: the average of the weights with train.ema_decay, else the model."""
         return self.ema.module if self.ema is not None else self.raw_model
 
-    def _log_loss(self, loss: torch.Tensor, bar, img_per_s: float) -> None:
+    def _log_loss(self, loss: torch.Tensor, progress: Progress, img_per_s: float) -> None:
         # The one host sync between logs: the loss value.
         loss_value = distributed.all_reduce_sum_(loss.float().clone()).item() / self.info.world_size
         self._check_finite(loss_value)
-        bar.set_postfix_str(f"loss {loss_value:.4f}, {img_per_s:.0f} img/s")
+        progress.report(loss_value, img_per_s)
         self.tracker.log_metrics({"train/loss": loss_value, "train/lr": self.scheduler.get_last_lr()[0]}, self.step)
 
     def _end_epoch(self, sums: torch.Tensor, images: int, seconds: float, last: bool):
@@ -197,8 +196,7 @@ class Trainer:
                    "world_size": self.info.world_size, "mlflow_run_id": self.tracker.run_id,
                    "wall_s": time.perf_counter() - self.started, "history": self.history}
         self.tracker.log_artifact_file(self.run_dir.write_json("metrics.json", metrics))
-        example = to_inputs(self.test_split.images[:4].cpu(), self.cfg.data)
-        self.tracker.log_model(self.evaluated.portable_copy(), example)
+        self.tracker.log_model(self.evaluated.portable_copy(), self.test_split.images[:2].cpu())
         return metrics
 
     def save(self) -> None:

@@ -2,7 +2,8 @@
 
 This is the reading half of `nin_dist.config`: it knows nothing of what the keys mean, only how a
 YAML document or a command-line string becomes a field of the declared type (`int`, `float`, `bool`,
-`str`, optionally `None`, or a nested dataclass), never with `eval`. An unknown key names the closest
+`str`, optionally `None`, `bool | str` for a switch with named modes, or a nested dataclass), never
+with `eval`. An unknown key names the closest
 valid one, a wrong type names the expected type; both raise `ConfigError` (exit code 2). What values
 are allowed is each dataclass's own `__post_init__` check.
 """
@@ -41,8 +42,13 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
 def _type_name(tp) -> str:
     args = typing.get_args(tp)
+    if set(args) == {bool, str}:
+        return "bool or str"
     if type(None) in args:
         inner = [a for a in args if a is not type(None)][0]
         return f"{inner.__name__} or null"
@@ -60,11 +66,15 @@ def _convert(key: str, value: Any, tp) -> Any:
         if optional:
             return None
         raise ConfigError(f"{key} cannot be null: expected {_type_name(tp)}")
+    if set(args) == {bool, str}:  # a switch with named modes: a boolean word stays a boolean, anything else text
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        base = bool if isinstance(value, bool) else str
     if base is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-            return value.strip().lower() in ("true", "yes", "1", "on")
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
     elif base is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

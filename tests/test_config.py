@@ -205,6 +205,7 @@ def test_unreadable_config_path_is_one_config_error(tmp_path, make, message):
     ("train.ema_decay=1", "in [0, 1) (0 = off)"),
     ("tracking.parent_run_id=../x", "null or an MLflow run id"),
     ("tracking.register_model=a@b", "null or a model name"),
+    ("train.progress=fancy", "auto, bar, lines or off (true = auto, false = off)"),
 ])
 def test_every_value_is_range_checked(override, allowed):
     with pytest.raises(ConfigError, match=re.escape(allowed)) as err:

@@ -62,7 +62,7 @@ def reference(tmp_path_factory):
     """The 2-process job every other run is compared with; its per-rank logs are kept."""
     out = tmp_path_factory.mktemp("reference")
     logs = out / "logs"
-    rc, text = standalone(2, overrides(out / "run", **RUN, train__progress=True),
+    rc, text = standalone(2, overrides(out / "run", **RUN, train__progress="bar"),
                           extra=["--tee=3", f"--log-dir={logs}"], timeout=300)
     assert rc == 0, text[-4000:]
     return {"out": out / "run", "logs": logs, "text": text, "state": last_checkpoint(out / "run")}

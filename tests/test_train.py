@@ -44,7 +44,7 @@ def metrics(out_dir) -> dict:
 
 def test_progress_bar_and_one_line_per_epoch(tmp_path, capsys):
     out = tmp_path / "run"
-    assert train_in_process(overrides(out, **TINY, train__progress=True, train__log_every=2)) == 0
+    assert train_in_process(overrides(out, **TINY, train__progress="bar", train__log_every=2)) == 0
     err = capsys.readouterr().err
     # The tqdm bar: steps done of all steps, the last logged loss and the throughput.
     assert re.search(r"\b16/16 \[.*loss \d\.\d{4}, \d+ img/s\]", err), err[-2000:]
@@ -63,6 +63,16 @@ def test_progress_bar_and_one_line_per_epoch(tmp_path, capsys):
 def test_progress_false_prints_no_bar(tmp_path, capsys):
     assert train_in_process(overrides(tmp_path / "run", **TINY, train__max_steps=2)) == 0
     assert "step/s" not in capsys.readouterr().err
+
+
+def test_progress_into_a_file_is_plain_lines_every_log_every_steps(tmp_path, capsys):
+    """The default (auto) with stderr captured, as `nin-train > log 2>&1` or a batch system has it:
+    no carriage-return frames, one line at step 1 and every train.log_every steps."""
+    assert train_in_process(overrides(tmp_path / "run", **TINY, train__progress="auto", train__log_every=5)) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "step/s" not in err
+    steps = [int(m) for m in re.findall(r"step (\d+)/16 \(\d+%\)  loss \d\.\d{4}  \d+ img/s  \d:\d\d:\d\d left", err)]
+    assert steps == [1, 5, 10, 15], err[-2000:]
 
 
 def test_resume_after_an_epoch_and_mid_epoch_is_bit_identical(tmp_path, capsys):

@@ -90,9 +90,11 @@ def sweep(args) -> int:
 
     from nin_dist.sweep.parent import ParentRun
     from nin_dist.sweep.study import Sweep, finished, open_study, storage_url
+    from nin_dist.tracking.redaction import quiet_run_links, run_link
     from nin_dist.tracking.store import check_reachable, resolve_uri
 
     name, cfg, overrides, space = prepare(args)
+    quiet_run_links()  # MLflow's line at a run's end quotes the URI, password included (its trials inherit this)
     uri, source = resolve_uri(cfg.tracking.uri)
     check_reachable(uri, source, cfg.tracking.timeout_s)
     folder = Path(cfg.run.out_dir or Path("runs") / f"sweep-{name}").resolve()
@@ -121,6 +123,9 @@ def sweep(args) -> int:
         trials.run(args.trials)
         _finish(study, parent, args.register, metric)
         parent.end("FINISHED")
+        link = run_link(uri, client.get_run(parent.run_id).info.experiment_id, parent.run_id)
+        if link:
+            log.info("sweep: view the parent run at %s", link)
         return 0
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM: the running trial was stopped on the way out
         if parent is not None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from nin_dist.errors import RunDirError
 from nin_dist.run_dir import LOCK_FILE, read_holder
 from nin_dist.sweep.space import as_override
+from nin_dist.tracking.redaction import redact_uris
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ class TrialProcess:
     def __init__(self, cmd: list[str], log_path: Path):
         self.log_path = Path(log_path)
         with open(self.log_path, "ab") as out:  # the child keeps its own copy of the file
-            out.write(("$ " + " ".join(cmd) + "\n").encode())
+            # The command as run, but a tracking.uri's password as *** (the log is a file anyone may read).
+            out.write(("$ " + redact_uris(" ".join(cmd)) + "\n").encode())
             out.flush()
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True, preexec_fn=_parent_death_signal())

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from nin_dist.config import replace
 from nin_dist.errors import TrackingError
-from nin_dist.tracking.redaction import redact, redact_error, redact_uri, secret_values
+from nin_dist.tracking.redaction import quiet_run_links, redact, redact_error, redact_uri, run_link, secret_values
 from nin_dist.tracking.run import open_run
 from nin_dist.tracking.store import HttpBounds, check_reachable, resolve_uri
 from nin_dist.tracking.tracker import dataset_fields
@@ -53,6 +53,7 @@ class EvaluationRun:
 
         self.uri, where = resolve_uri(cfg.tracking.uri)
         self._secrets = secret_values((cfg.tracking.uri, self.uri))
+        quiet_run_links()  # MLflow's own line at the end quotes the URI, password included
         self._bounds = HttpBounds(cfg.tracking.timeout_s).open()
         try:
             check_reachable(self.uri, where, cfg.tracking.timeout_s)
@@ -123,6 +124,9 @@ class EvaluationRun:
         self._closed = True
         try:
             self._client.set_terminated(self.run_id, status)
+            link = run_link(self.uri, self._client.get_run(self.run_id).info.experiment_id, self.run_id)
+            if link:
+                log.info("tracking: view evaluation run %s at %s", self.run_id, link)
         except Exception as err:  # the results are printed and written already
             log.error("tracking: evaluation run %s not ended (%s)", self.run_id, redact_error(err, self._secrets))
         finally:

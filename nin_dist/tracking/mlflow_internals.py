@@ -1,4 +1,4 @@
-"""The two pieces of MLflow's internals the tracker uses, and why the public API does not do the job.
+"""The three pieces of MLflow's internals the tracker uses, and why the public API does not do the job.
 
 MLflow's public way to get both is `mlflow.start_run(log_system_metrics=True)`: it adds the context
 tags and starts the system-metrics monitor. But `start_run` makes the run the *active* run of the
@@ -7,7 +7,9 @@ monitor to `mlflow.end_run()`, which ends the run with a request of its own. The
 drives its run with an `MlflowClient` on a background sender that keeps what it cannot send in a
 spool and ends the run with a record (so a replay keeps the end time). `MlflowClient.create_run`
 adds none of the context tags, and nothing public starts a monitor again once its sampling thread
-has stopped. These are the only imports of MLflow modules outside its public API in this package.
+has stopped. The third, `inputs_as_sent`, keeps MLflow's scoring server from casting a request
+to the model's signature before the model can check it. These are the only uses of MLflow's
+internals in this package.
 """
 
 from __future__ import annotations
@@ -35,3 +37,19 @@ def system_metrics_monitor(run_id: str, resume: bool, tracking_uri: str):
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     return SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=tracking_uri)
+
+
+def inputs_as_sent(signature):
+    """`signature` (an `mlflow.models.ModelSignature`), marked so MLflow hands inputs to the model as sent.
+
+    With a tensor signature, MLflow's scoring server (`mlflow models serve`, `mlflow models predict`)
+    casts the request's JSON with `np.array(data, dtype=<signature's dtype>)` before the model sees
+    it: for uint8, 0.5 becomes 0 and 0.996 becomes 0, so pixels scaled to [0, 1] become a black image
+    and get a confident, silently wrong answer. `PyFuncModel.predict` likewise checks an array against
+    the signature itself, with a message that quotes the whole array. A signature MLflow derived from
+    type hints is the one kind it passes on untouched (`{"inputs": ...}` as sent, arrays as given),
+    leaving the checks to the model (`nin_dist.tracking.served_model` makes them, one line each).
+    This flag says so; the signature itself stays the uint8 tensor the UI shows.
+    """
+    signature._is_signature_from_type_hint = True  # written to MLmodel as is_signature_from_type_hint
+    return signature

@@ -6,7 +6,7 @@ folder staged in the spool (`nin_dist.tracking.spool`) for artifacts and the mod
     metrics     {"step", "timestamp", "metrics": {key: value}}
     inputs      {"datasets": [{"dataset": MLflow's dataset fields, "context": "training" | "testing" | "validation"}]}
     artifact    {"file", "artifact_path"}: a file, or a folder logged as its contents
-    model       {"file", "name", "step"}: a model saved with `mlflow.pytorch.save_model`
+    model       {"file", "name", "step"}: an MLflow model saved by `nin_dist.tracking.saved_model`
     register    {"name", "model"}: the run's logged model `model` as a new version of registered
                 model `name` (`nin_dist.tracking.registry`; a resend finds the version made before)
     terminate   {"status", "end_time"}

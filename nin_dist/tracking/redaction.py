@@ -8,6 +8,11 @@ with `***` for the password (`redact_uri`) and kept on disk without it (`storabl
 Errors too: MLflow's error texts quote the request URL, password included ("API request to
 http://user:pw@host/... failed"). `redact_error` is the one-line form of an error for a log line or
 a user error, with the secrets and the password of every URI in it replaced by `***`.
+
+And MLflow's own lines: when a run on a tracking server ends, MLflow prints "View run NAME at:
+<tracking URI>/#/experiments/..." to stdout, the URI as given, password included. `quiet_run_links`
+turns those lines off at their source (MLflow's `MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT`); each
+command that ends runs logs its own link instead, without the credentials (`run_link`).
 """
 
 from __future__ import annotations
@@ -62,10 +67,32 @@ def redact(text: str, secrets: list[str]) -> str:
     return text
 
 
+def redact_uris(text: str) -> str:
+    """`text` with the password of every `scheme://user:password@` in it replaced by ***."""
+    return _URI_PASSWORD.sub(rf"\g<1>{REDACTED}@", text)
+
+
 def redact_error(err: BaseException | str, secrets: list[str]) -> str:
     """The first line of `err` for a log line or a user error, its secrets and URI passwords as ***.
 
     The whole text is redacted before it is cut to one line, so a secret across the cut cannot
     leave a piece behind."""
-    text = _URI_PASSWORD.sub(rf"\g<1>{REDACTED}@", redact(str(err), secrets))
+    text = redact_uris(redact(str(err), secrets))
     return first_line(text if text.strip() else type(err).__name__)
+
+
+def quiet_run_links() -> None:
+    """Turn off MLflow's "View run ... at: <url>" lines for this process and the jobs it starts.
+
+    Set whatever the environment held: a user's `false` would put the password back on screen."""
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
+def run_link(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page on an MLflow tracking server, as MLflow's own line shows it but without the user
+    and password (the browser asks for them); None for a store that is no server (sqlite, a folder)."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return None
+    base = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment=""))
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -1,23 +1,35 @@
-"""The run's model: saved into the spool as an MLflow pytorch model, then logged from its files.
+"""The run's model: saved into the spool as an MLflow model, then logged from its files.
 
-`save_model` writes the model with `mlflow.pytorch.save_model` in MLflow's graph format
-(`serialization_format="pt2"`, `torch.export`), its weights in the default memory format, with the
-signature of example -> output and the example as input example, pinning its requirements
-(`model_requirements`).
+`save_model` writes one MLflow model with two flavors:
+
+- `python_function`, what MLflow's own tools use (`mlflow models serve`, `mlflow models predict`,
+  `mlflow.pyfunc.load_model`): raw uint8 images in, label, class name and probabilities out, with
+  the run's preprocessing and TTA inside. It is a model from code: `nin_dist.tracking.served_model`
+  (copied into the model, self-contained) runs the artifact `classifier`, a `torch.export` graph of
+  preprocessing + network + softmax (`nin_dist.classifier`). Its signature is a uint8 TensorSpec
+  (-1, 28, 28) in, label / class_name / probabilities out; MLflow passes inputs to it as sent
+  (`mlflow_internals.inputs_as_sent`), and it refuses bad ones itself.
+- `pytorch`, the plain network for PyTorch users (`mlflow.pytorch.load_model`): the graph
+  `mlflow.pytorch.save_model` exports (`serialization_format="pt2"`), preprocessed float inputs
+  [N, 1, R, R] in, logits out, as `nin-eval` scores it. Its files and flavor entry are MLflow's own,
+  written into a folder beside and moved in (MLflow's flavors are entries of one MLmodel file).
+
+The weights are in both graphs (a NiN of this project is a few MB). Both are saved in the default
+memory format and pin their requirements (`model_requirements`).
 
 `log_saved_model` makes that folder the run's model, an MLflow LoggedModel, as
-`mlflow.pytorch.log_model` would: a LoggedModel in the run's experiment with the run's params and
+`mlflow.pyfunc.log_model` would: a LoggedModel in the run's experiment with the run's params and
 MLflow's context tags; the folder's files as its artifacts, its MLmodel rewritten to name the
 LoggedModel and the run; the run's model output at `step`; the run's metrics of that step linked
 to it; status READY (FAILED if a request fails midway). It never loads the model: the folder may
-come from a run folder on shared storage, and loading an MLflow pytorch model unpickles it, which
-can run any code. The files go as they are; `mlflow.pytorch.load_model("models:/<model_id>")` then
-loads the model as one logged live, with MLflow's own checks for whoever loads it.
+come from a run folder on shared storage, and loading an MLflow model runs its code (and a pytorch
+pickle would too). The files go as they are, to be loaded by whoever loads the model.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +38,9 @@ from nin_dist.tracking.mlflow_internals import context_tags
 from nin_dist.tracking.store import MAX_BATCH_METRICS
 
 MLMODEL = "MLmodel"  # the model's description in its folder (YAML)
+# The served model's code, copied into the model as a file (never imported here: importing it
+# registers its model with MLflow, which is for the process that loads the model).
+SERVED_CODE = Path(__file__).with_name("served_model.py")
 
 
 def model_requirements() -> list[str]:
@@ -35,19 +50,55 @@ def model_requirements() -> list[str]:
     return mlflow.pytorch.get_default_pip_requirements()
 
 
-def save_model(model, example, path: Path) -> None:
-    """Save `model` (which must run on the CPU as it is) as an MLflow pytorch model at `path`."""
+def save_model(model, images, data, tta: bool, path: Path) -> None:
+    """Save `model` (which must run on the CPU as it is) as the MLflow model at `path`; `images` (raw
+    uint8 test images) are its examples, `data` (the run's `DataConfig`) and `tta` its preprocessing."""
+    import mlflow.pyfunc
     import mlflow.pytorch
     import torch
-    from mlflow.models import infer_signature
+    from mlflow.models import Model, infer_signature
 
+    from nin_dist.classifier import export_classifier
+    from nin_dist.data import CLASSES, to_inputs
+    from nin_dist.tracking.mlflow_internals import inputs_as_sent
+
+    # MLflow copies the artifacts into the model with a progress bar on stderr: carriage-return frames in a log file.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     model = _in_default_layout(model)
-    x = example.detach().cpu().float()
+    images = images[:2].cpu()
+    x = to_inputs(images, data)
     with torch.no_grad():
         y = model(x)
-    mlflow.pytorch.save_model(model, str(path), signature=infer_signature(x.numpy(), y.numpy()),
-                              input_example=x.numpy(), pip_requirements=model_requirements(),
-                              serialization_format="pt2")
+    with tempfile.TemporaryDirectory(prefix="nin-model-") as tmp:
+        graph, network = Path(tmp) / "classifier.pt2", Path(tmp) / "network"
+        export_classifier(model, data, tta, images, graph)
+        mlflow.pyfunc.save_model(str(path), python_model=str(SERVED_CODE), artifacts={"classifier": str(graph)},
+                                 model_config={"classes": list(CLASSES)},
+                                 signature=inputs_as_sent(served_signature()), input_example=images.numpy(),
+                                 pip_requirements=model_requirements())
+        mlflow.pytorch.save_model(model, str(network), signature=infer_signature(x.numpy(), y.numpy()),
+                                  input_example=x.numpy(), pip_requirements=model_requirements(),
+                                  serialization_format="pt2")
+        saved = Model.load(str(path / MLMODEL))
+        conf = Model.load(str(network / MLMODEL)).flavors["pytorch"]
+        shutil.move(str(network / conf["model_data"]), str(path / conf["model_data"]))
+        saved.add_flavor("pytorch", **conf)
+        saved.save(str(path / MLMODEL))
+
+
+def served_signature():
+    """What the served model takes and answers: uint8 images (-1, 28, 28); label, class name, probabilities."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+    from mlflow.types.schema import Array
+
+    from nin_dist.data import IMAGE_SIDE
+
+    inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, IMAGE_SIDE, IMAGE_SIDE))])
+    outputs = Schema([ColSpec(DataType.long, "label"), ColSpec(DataType.string, "class_name"),
+                      ColSpec(Array(DataType.double), "probabilities")])
+    return ModelSignature(inputs, outputs)
 
 
 def _in_default_layout(model):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from nin_dist.errors import TrackingError
 from nin_dist.tracking.mlflow_internals import system_metrics_monitor
-from nin_dist.tracking.redaction import redact, redact_error, redact_uri, secret_values
+from nin_dist.tracking.redaction import quiet_run_links, redact, redact_error, redact_uri, run_link, secret_values
 from nin_dist.tracking.run import open_run
 from nin_dist.tracking.saved_model import save_model
 from nin_dist.tracking.sender import Sender
@@ -70,6 +70,7 @@ class MLflowTracker:
         self._timeout_s = tcfg.timeout_s
         self._log_model_enabled, self._system_metrics = tcfg.log_model, tcfg.system_metrics
         self._register_as = tcfg.register_model  # registered model name, or None
+        self._preprocessing = cfg.data, cfg.train.tta  # what the logged model does before and after the network
         self.uri, source = resolve_uri(tcfg.uri)
         self._secrets = secret_values((tcfg.uri, self.uri))
         if self._system_metrics:
@@ -78,6 +79,7 @@ class MLflowTracker:
             except ImportError:
                 raise TrackingError("tracking.system_metrics=true needs the psutil package "
                                     "(pip install psutil), or set tracking.system_metrics=false") from None
+        quiet_run_links()  # MLflow's own line at the end quotes the URI, password included
         self._http_bounds = HttpBounds(tcfg.timeout_s).open()
         try:
             check_reachable(self.uri, source, tcfg.timeout_s)
@@ -86,6 +88,7 @@ class MLflowTracker:
             mlflow.set_tracking_uri(self.uri)
             self._client = mlflow.MlflowClient(self.uri)
             self.run_id = self._open_run(cfg, info, resume_run_id, tags or {})
+            self.link = run_link(self.uri, self._client.get_run(self.run_id).info.experiment_id, self.run_id)
         except BaseException:
             self._http_bounds.close()
             raise
@@ -174,15 +177,16 @@ class MLflowTracker:
 
         self._put(render)
 
-    def log_model(self, model, example) -> None:
-        """The model as an MLflow pytorch model named "model", with the signature of `example` -> output
-        and `example` as input example, then a new version of `tracking.register_model` when set.
+    def log_model(self, model, images) -> None:
+        """The model as the MLflow model named "model" (`nin_dist.tracking.saved_model`: raw images in,
+        the run's preprocessing inside; the plain network as its pytorch flavor), with `images` (raw
+        uint8 test images) as examples, then a new version of `tracking.register_model` when set.
         `model` must run on the CPU as it is (`NiN.portable_copy()`)."""
         if not self._log_model_enabled or self._closed:
             return
         try:
             path = self._spool.stage("model")
-            save_model(model, example, path)
+            save_model(model, images, *self._preprocessing, path)
         except Exception:  # the run's result is in the checkpoint; a tracking copy must not fail it
             log.exception("tracking: the model could not be saved for MLflow (the checkpoint holds its weights)")
             return
@@ -226,6 +230,8 @@ class MLflowTracker:
                         redact_uri(self.uri), self._spool.folder, self._spool.folder.parent)
         else:
             self._spool.remove_if_idle()
+        if self.link:
+            log.info("tracking: view run %s at %s", self.run_id, self.link)
 
     # ------------------------------------------------------------------ MLflow's system metrics
 

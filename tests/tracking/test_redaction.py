@@ -1,12 +1,16 @@
 """Secrets never reach MLflow or the logs: environment secrets and URI passwords, in everything a run
-sends and in MLflow's error texts."""
+sends, in MLflow's error texts, and on the screen and disk of the commands (nin-sweep, its nin-train
+trial, nin-eval) against a live server."""
 
 from __future__ import annotations
 
 import logging
+import re
+import sys
 from pathlib import Path
 
 import pytest
+from helpers import CPU_CONFIG, run
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow_runs import INFO, config, step_metrics, wait_for
@@ -93,3 +97,45 @@ def test_a_lost_store_logs_no_password(tmp_path, server, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any("sending to" in m and "failed (API request to http://alice:***@" in m for m in messages), messages
     assert not any(password in m for m in messages), [m for m in messages if password in m]
+
+
+def test_no_password_on_screen_or_on_disk_from_nin_sweep_nin_train_and_nin_eval(tmp_path, server):
+    """A password in tracking.uri and a live server: MLflow prints "View run NAME at: <the URI as given>"
+    when a run ends, password included; the commands turn that off and log their own link without it.
+    One nin-sweep of one trial (a nin-train job, whose whole output is its trial-0.log), then nin-eval of
+    that trial's model: their stdout and stderr, and every file they wrote, are searched."""
+    password = "pw-5c1e-on-screen"
+    uri = server.uri.replace("http://", f"http://nin:{password}@")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(CPU_CONFIG.read_text() + "sweep:\n  optim.lr: {type: float, low: 0.04, high: 0.05}\n")
+    tiny = ["data.train_limit=256", "data.test_limit=100", "train.epochs=1", "train.batch_size=128", "model.width=0.25",
+            "optim.warmup_epochs=0", "train.threads=1", "train.precision=fp32", "tracking.system_metrics=false",
+            "tracking.experiment=passwords", f"tracking.uri={uri}"]
+    rc, swept = run([sys.executable, "-m", "nin_dist.sweep", "--config", str(config), "--trials", "1", "--study", "pw",
+                     *tiny, f"run.out_dir={tmp_path}/sweep"], timeout=300, cwd=tmp_path)
+    assert rc == 0, swept[-4000:]
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("passwords").experiment_id
+    (trial,) = [r for r in client.search_runs([experiment]) if r.info.run_name == "trial-0"]
+    model = f"models:/{trial.outputs.model_outputs[0].model_id}"
+    rc, evaluated = run([sys.executable, "-m", "nin_dist.eval_cli", model, "--json", str(tmp_path / "eval.json"),
+                         f"tracking.uri={uri}", "tracking.experiment=passwords"], timeout=180, cwd=tmp_path)
+    assert rc == 0, evaluated[-4000:]
+
+    trained = (tmp_path / "sweep" / "trial-0.log").read_text()
+    assert "nin_dist.train" in trained and "tracking: MLflow run" in trained, "the trial's whole output is its log"
+    screens = {"nin-sweep": swept, "nin-train": trained, "nin-eval": evaluated}
+    for name, text in screens.items():
+        assert password not in text, f"{name} shows the password: " + text[text.find(password) - 200:][:400]
+        assert "View run" not in text, f"{name} shows MLflow's own run line"
+    # Each shows its run's page instead, without the credentials (a browser asks for them).
+    page = re.escape(server.uri) + r"/#/experiments/\d+/runs/[0-9a-f]{32}"
+    assert re.search(r"tracking: view run [0-9a-f]{32} at " + page, trained)
+    assert re.search(r"tracking: view evaluation run [0-9a-f]{32} at " + page, evaluated)
+    assert re.search(r"sweep: view the parent run at " + page, swept)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    written = {str(p.relative_to(tmp_path)) for p in files}
+    assert {"sweep/optuna.db", "sweep/trial-0.log", "sweep/trial-0/config.yaml", "sweep/trial-0/metrics.json",
+            "sweep/trial-0/checkpoints/last.pt", "eval.json"} <= written, written
+    leaks = [str(p) for p in files if password.encode() in p.read_bytes()]
+    assert not leaks, f"the password is written in {leaks}"

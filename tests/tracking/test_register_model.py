@@ -1,26 +1,38 @@
-"""tracking.register_model: the logged model becomes a version of a registered model, found by alias.
+"""tracking.register_model, and the registered model in use through MLflow's own tools.
 
-A real nin-train run into a real sqlite store: the version's model, loaded back by alias with
-mlflow.pytorch, computes what the run's checkpoint computes. Then the tracker against a real server
-that dies before the model is sent: the registration waits in the spool and `--sync-tracking`
-makes the version; sending the record again makes no second one.
+One tiny real nin-train run (train.tta on) into a real sqlite store registers its model; the module's
+tests share it. Loaded back by alias with mlflow.pytorch, the plain network computes what the run's
+checkpoint computes. Served by `mlflow models serve -m models:/NAME/VERSION --env-manager local`
+on 127.0.0.1, the raw test images get the classes and probabilities `nin-eval --predictions` gives
+(to 1e-6) and the run's test/acc; so does batch scoring with `mlflow models predict`. Bad input gets
+HTTP 400 from the server and one line from `predict`. Then the tracker against a real server that
+dies before the model is sent: the registration waits in the spool and `--sync-tracking` makes the
+version; sending the record again makes no second one.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import signal
+import sys
 
 import mlflow
+import mlflow.pyfunc
 import mlflow.pytorch
+import numpy as np
 import pytest
+import requests
 import torch
-from helpers import CPU_CONFIG, data_dir, train_in_process
+from helpers import CPU_CONFIG, data_dir, env, finish, free_port, start, train_in_process
 from mlflow import MlflowClient
-from mlflow_runs import INFO, TINY, config, step_metrics
+from mlflow.exceptions import MlflowException
+from mlflow_runs import INFO, TINY, config, step_metrics, wait_for
 
 from nin_dist import checkpoint
-from nin_dist.config import DataConfig, load_config
-from nin_dist.data import load_split, to_inputs
+from nin_dist.config import load_config
+from nin_dist.data import CLASSES, load_split, to_inputs
 from nin_dist.model import NiN, build_model
 from nin_dist.sweep.parent import ParentRun
 from nin_dist.tracking import make_tracker
@@ -29,33 +41,159 @@ from nin_dist.tracking.records import apply_record
 from nin_dist.tracking.spool import Spool
 
 pytestmark = pytest.mark.slow
-SMOKE = ["data.train_limit=256", "data.test_limit=100", "train.epochs=1", "train.batch_size=128", "model.width=0.25",
-         "train.progress=false", "train.threads=1", "train.device=cpu", "tracking.system_metrics=false",
-         "train.precision=fp32"]
+TEST_IMAGES = 100
+SMOKE = ["data.train_limit=256", f"data.test_limit={TEST_IMAGES}", "train.epochs=1", "train.batch_size=128",
+         "model.width=0.25", "train.tta=true", "train.progress=false", "train.threads=1", "train.device=cpu",
+         "tracking.system_metrics=false", "train.precision=fp32"]
+NAME = "nin-reg"
 
 
-def test_a_run_registers_its_model_and_the_alias_loads_it(tmp_path, sqlite_uri):
-    args = ["--config", str(CPU_CONFIG), *SMOKE, f"tracking.uri={sqlite_uri}", "tracking.register_model=nin-reg",
-            f"run.out_dir={tmp_path}/run", "run.name=reg"]
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, sqlite_uri):
+    """The run (trained once for the module): its folder, store, MLflow run and registered version."""
+    root = tmp_path_factory.mktemp("registered")
+    args = ["--config", str(CPU_CONFIG), *SMOKE, f"tracking.uri={sqlite_uri}", f"tracking.register_model={NAME}",
+            f"run.out_dir={root}/run", "run.name=reg"]
     assert train_in_process(args) == 0
     client = MlflowClient(sqlite_uri)
-    (version,) = client.search_model_versions("name = 'nin-reg'")
-    run = client.get_run(version.run_id)
+    (version,) = client.search_model_versions(f"name = '{NAME}'")
+    return {"root": root, "uri": sqlite_uri, "client": client, "version": version,
+            "run": client.get_run(version.run_id), "images": load_split(data_dir(), "test", limit=TEST_IMAGES)}
+
+
+def test_a_run_registers_its_model_and_the_alias_loads_it(registered):
+    client, version, run, root = registered["client"], registered["version"], registered["run"], registered["root"]
     assert run.info.run_name == "reg"
     assert version.source == f"models:/{run.outputs.model_outputs[0].model_id}"
+    # The model page's signature: raw uint8 images in; label, class name and probabilities out.
+    signature = mlflow.models.get_model_info(f"models:/{NAME}/{version.version}").signature
+    assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, 28, 28)}}]
+    assert signature.outputs.input_names() == ["label", "class_name", "probabilities"]
 
-    # nin-sweep's alias on the run's version (as for its best trial), then loaded by alias.
+    # nin-sweep's alias on the run's version (as for its best trial), then the plain network loaded by alias.
     parent = ParentRun(client, version.run_id)
-    assert parent.alias_best("nin-reg", version.run_id) == "models:/nin-reg@best"
-    mlflow.set_tracking_uri(sqlite_uri)
-    loaded = mlflow.pytorch.load_model("models:/nin-reg@best")
+    assert parent.alias_best(NAME, version.run_id) == f"models:/{NAME}@best"
+    mlflow.set_tracking_uri(registered["uri"])
+    loaded = mlflow.pytorch.load_model(f"models:/{NAME}@best")
 
     cfg = load_config(CPU_CONFIG, SMOKE)
     net = build_model(cfg.model, torch.device("cpu"))
-    net.load_state_dict(checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")[checkpoint.MODEL])
-    batch = to_inputs(load_split(data_dir(), "test", limit=8).images, cfg.data)
+    net.load_state_dict(checkpoint.load(root / "run" / "checkpoints" / "last.pt")[checkpoint.MODEL])
+    batch = to_inputs(registered["images"].images[:8], cfg.data)
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch), net.eval()(batch), rtol=1e-5, atol=1e-5)
+
+
+def mlflow_cli(registered, *args: str):
+    """`mlflow ARGS` (python -m mlflow) against the module's store, from the run's folder."""
+    return start([sys.executable, "-m", "mlflow", *args], cwd=registered["root"],
+                 env=env(MLFLOW_TRACKING_URI=registered["uri"]))
+
+
+@pytest.fixture(scope="module")
+def served(registered):
+    """`mlflow models serve` of the registered version on 127.0.0.1, started once; its base URL."""
+    port = free_port()
+    proc = mlflow_cli(registered, "models", "serve", "-m", f"models:/{NAME}/{registered['version'].version}",
+                      "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1")
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, finish(proc, 5)[1][-3000:]
+        try:
+            return requests.get(f"{url}/ping", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    wait_for(up, "mlflow models serve answers /ping", timeout_s=120)
+    yield url
+    os.killpg(proc.pid, signal.SIGKILL)  # the command and the uvicorn server it started
+    finish(proc, 30)
+
+
+def predictions_of(rows: list[dict]) -> tuple[list[int], np.ndarray]:
+    """(labels, probabilities) of the served model's answer, checked to be a distribution per image
+    whose argmax is the label and whose class name goes with it."""
+    labels = [row["label"] for row in rows]
+    probs = np.array([row["probabilities"] for row in rows])
+    assert probs.shape == (len(rows), len(CLASSES)) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert labels == probs.argmax(1).tolist() and [row["class_name"] for row in rows] == [CLASSES[k] for k in labels]
+    return labels, probs
+
+
+def test_the_served_model_answers_raw_images_as_nin_eval_scores_them(registered, served, tmp_path):
+    version = f"models:/{NAME}/{registered['version'].version}"
+    images = registered["images"]
+    (tmp_path / "images.json").write_text(json.dumps({"inputs": images.images.tolist()}))
+    jobs = {"eval": start([sys.executable, "-m", "nin_dist.eval_cli", version, "--predictions",
+                           str(tmp_path / "eval.csv"), "tracking.enabled=false"], cwd=tmp_path,
+                          env=env(MLFLOW_TRACKING_URI=registered["uri"])),
+            "batch": mlflow_cli(registered, "models", "predict", "-m", version, "-i", str(tmp_path / "images.json"),
+                                "-o", str(tmp_path / "batch.json"), "-t", "json", "--env-manager", "local")}
+    answer = requests.post(f"{served}/invocations", json={"inputs": images.images.tolist()}, timeout=60)
+    assert answer.status_code == 200, answer.text[-2000:]
+    labels, probs = predictions_of(answer.json()["predictions"])
+    for key, job in jobs.items():
+        rc, out = finish(job, timeout=180)
+        assert rc == 0, f"{key}: {out[-3000:]}"
+
+    with open(tmp_path / "eval.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["true_label"]) for r in rows] == images.labels.tolist()
+    assert labels == [int(r["label"]) for r in rows], "the same classes as nin-eval"
+    by_eval = np.array([[float(r[f"p{k}"]) for k in range(len(CLASSES))] for r in rows])
+    assert np.abs(probs - by_eval).max() <= 1e-6
+    accuracy = float(np.mean(np.array(labels) == images.labels.numpy()))
+    assert accuracy == pytest.approx(registered["run"].data.metrics["test/acc"], abs=1e-12)
+
+    batch_labels, batch_probs = predictions_of(json.loads((tmp_path / "batch.json").read_text())["predictions"])
+    assert batch_labels == labels and np.abs(batch_probs - probs).max() <= 1e-6
+
+    # One image in the (N, 1, 28, 28) form, as a channel-first array holds it: the same answer.
+    one = requests.post(f"{served}/invocations", json={"inputs": images.images[:1, None].tolist()}, timeout=60)
+    assert one.status_code == 200 and predictions_of(one.json()["predictions"])[0] == labels[:1]
+
+
+SCALED = "floats (send the raw pixel integers, not scaled or normalised ones)"
+BAD_INPUTS = {  # JSON body -> what the refusal says it got
+    "scaled": ({"inputs": [[[0.5] * 28] * 28]}, SCALED),
+    "whole floats": ({"inputs": [[[255.0] * 28] * 28]}, SCALED),
+    "flat": ({"inputs": [[0] * 784]}, "got shape (1, 784)"),
+    "three channels": ({"inputs": [[[[0] * 28] * 28] * 3]}, "got shape (1, 3, 28, 28)"),
+    "too bright": ({"inputs": [[[300] * 28] * 28]}, "got values from 300 to 300"),
+    "negative": ({"inputs": [[[-1] * 28] * 28]}, "got values from -1 to -1"),
+    "ragged": ({"inputs": [[[0] * 28] * 27 + [[0] * 5]]}, "got lists that are not a rectangular array"),
+    "strings": ({"inputs": [[["a"] * 28] * 28]}, "got strings"),
+    "empty": ({"inputs": []}, "got shape (0,)"),
+}
+
+
+def test_bad_input_gets_http_400_naming_what_was_expected(served):
+    for case, (body, says) in BAD_INPUTS.items():
+        answer = requests.post(f"{served}/invocations", json=body, timeout=60)
+        assert answer.status_code == 400, (case, answer.status_code, answer.text[:500])
+        message = answer.json()["message"]
+        assert "expected uint8 images of shape (N, 28, 28) or (N, 1, 28, 28) with values 0-255" in message, case
+        assert says in message, (case, message[-300:])
+    # A CSV table has no image shape: MLflow's server refuses it before the model sees it.
+    answer = requests.post(f"{served}/invocations", data="0,1,2", headers={"Content-Type": "text/csv"}, timeout=60)
+    assert answer.status_code == 400, answer.text[:500]
+
+
+def test_predict_in_python_answers_raw_images_and_refuses_bad_ones_in_one_line(registered):
+    mlflow.set_tracking_uri(registered["uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/{registered['version'].version}")
+    images = registered["images"].images[:3].numpy()
+    answer = model.predict(images)
+    assert list(answer.columns) == ["label", "class_name", "probabilities"] and len(answer) == 3
+    assert model.predict(images[:, None]).label.tolist() == answer.label.tolist()
+    for bad, says in ((images.astype(np.float32) / 255, "got a float32 array (send the raw pixel integers"),
+                      (images.astype(np.int64), "got a int64 array"), (images.reshape(3, 784), "got shape (3, 784)"),
+                      (images[:, :14], "got shape (3, 14, 28)"), ("an image", "got a str")):
+        with pytest.raises(MlflowException) as caught:
+            model.predict(bad)
+        assert "\n" not in caught.value.message and says in caught.value.message, caught.value.message
+        assert caught.value.message.startswith("expected uint8 images of shape (N, 28, 28) or (N, 1, 28, 28)")
 
 
 def test_registration_waits_out_an_outage_and_is_sent_once(tmp_path, server, splits):
@@ -65,7 +203,7 @@ def test_registration_waits_out_an_outage_and_is_sent_once(tmp_path, server, spl
     tracker.log_metrics(step_metrics(1), 1)
     server.kill()
     try:
-        tracker.log_model(NiN(TINY).eval(), to_inputs(test.images[:2], DataConfig(resize=28)))
+        tracker.log_model(NiN(TINY).eval(), test.images[:2])
         tracker.close()
         kept = [json.loads(line)["kind"] for line in Spool(tmp_path).records_path.read_text().splitlines()]
         assert kept[-3:] == ["model", "register", "terminate"], kept

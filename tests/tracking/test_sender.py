@@ -143,7 +143,7 @@ def test_server_lost_mid_run_then_synced(tmp_path, server, splits):
         (run_dir / "metrics.json").write_text('{"test_acc": 0.5}\n')
         tracker.log_artifact_file(run_dir / "metrics.json")
         tracker.log_test_predictions(test, test.labels)
-        tracker.log_model(net, example)
+        tracker.log_model(net, test.images[:2])
         closing, closing_ms = time.monotonic(), int(time.time() * 1000)
         tracker.close("FINISHED")
         assert time.monotonic() - closing < 30

@@ -81,7 +81,7 @@ def test_run_logs_everything_to_sqlite(tmp_path, sqlite_uri, splits, monkeypatch
     tracker.log_test_predictions(test, predictions)
     net = NiN(TINY).eval()
     example = to_inputs(test.images[:4], cfg.data)
-    tracker.log_model(net, example)
+    tracker.log_model(net, test.images[:4])
     time.sleep(2.5)  # a few system-metric samples
     tracker.close()
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ

@@ -27,6 +27,8 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 from mlflow_runs import TINY, artifact_paths, history
 
+from nin_dist.config import DataConfig
+from nin_dist.data import to_inputs
 from nin_dist.errors import RunDirError, TrackingError
 from nin_dist.model import NiN
 from nin_dist.tracking import sync as sync_spool
@@ -328,9 +330,10 @@ def tamper(model_folder: Path, into: Path, marker: Path) -> Path:
 
 def test_a_model_is_replayed_from_its_files_never_unpickled(setup, tmp_path, sqlite_uri):
     net = NiN(TINY).eval()
-    example = torch.rand(2, 1, 28, 28)
+    images = torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8)
+    example = to_inputs(images, DataConfig(resize=28))
     genuine = setup.spool.stage("model")
-    save_model(net, example, genuine)
+    save_model(net, images, DataConfig(resize=28), False, genuine)
     # The threat is real: loading the tampered folder runs its code.
     tamper(genuine, tmp_path / "threat", tmp_path / "marker-when-loaded")
     with contextlib.suppress(AttributeError):  # what it unpickles is no model
