@@ -115,10 +115,17 @@ def test_two_nodes_by_c10d_rendezvous_equal_one_node(reference, tmp_path):
 
 
 def test_a_worker_killed_mid_epoch_is_restarted_and_the_result_is_unchanged(reference, tmp_path):
-    out = tmp_path / "run"
+    """SIGKILL of rank 1 mid-epoch 2 under --max-restarts=1: the restart resumes the checkpoint, ends on
+    the uninterrupted job's weights, and continues the same MLflow run (a real sqlite store), whose
+    epoch metrics carry the steps of both epochs."""
+    from mlflow import MlflowClient
+
+    out, uri = tmp_path / "run", f"sqlite:///{tmp_path}/mlflow.db"
     kill_after = STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2  # a mid-epoch checkpoint, in epoch 2
+    tracking = [f"tracking.uri={uri}", "tracking.enabled=true", "tracking.system_metrics=false",
+                "tracking.log_model=false"]
     job = start(torchrun_cmd(["--standalone", "--nproc_per_node=2", "--max-restarts=1"],
-                             overrides(out, **RUN, train__checkpoint_every=kill_after)))
+                             overrides(out, **RUN, train__checkpoint_every=kill_after) + tracking), cwd=tmp_path)
     path = kill_rank_after_checkpoint(job, out, kill_after, settle=0.5)  # rank 1, mid-epoch 2
 
     rc, text = finish(job, timeout=300)
@@ -130,6 +137,12 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_the_result_is_unchanged(refe
     _report(f"SIGKILL of rank 1 after step {kill_after} + restart vs uninterrupted", diff)
     assert diff[0] < REL_TOL, diff
     assert _metrics(out)["test_acc"] == _metrics(reference["out"])["test_acc"]
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED" and run.info.run_id == _metrics(out)["mlflow_run_id"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/acc")] == \
+        [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
 
 
 def test_a_second_job_on_a_held_folder_exits_2_on_every_rank(tmp_path):

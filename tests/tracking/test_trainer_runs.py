@@ -1,7 +1,8 @@
 """MLflow tracking through the real trainer: torchrun with 2 gloo processes, a world of one, the CLI.
 
 Each run trains the cpu config on the first 512 / 256 images for one epoch (2 steps) and is read
-back from its sqlite store with MlflowClient. The runs that log a model print no Python warning.
+back with MlflowClient from its sqlite store or the module's real server. The runs that log a model
+print no Python warning. A worker killed and restarted keeps one MLflow run: tests/test_distributed.py.
 """
 
 from __future__ import annotations
@@ -61,8 +62,12 @@ def only_run(uri: str):
     return client, runs[0]
 
 
-def test_torchrun_two_processes_log_one_complete_run(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_torchrun_two_processes_log_one_complete_run_to_a_real_server_and_its_ui(tmp_path, server):
+    """A 2-process job against `launch/mlflow-server.sh` (the module's server): one complete run, read
+    back with MlflowClient, and the UI's page and REST endpoints return it with its metrics."""
+    import requests
+
+    uri = server.uri
     overrides = [*SMOKE, f"tracking.uri={uri}", "run.name=e2e", f"run.out_dir={tmp_path}/run"]
     assert_clean_log(train(tmp_path, "--config", str(REPO / "configs" / "cpu.yaml"), *overrides, nproc=2))
 
@@ -104,12 +109,21 @@ def test_torchrun_two_processes_log_one_complete_run(tmp_path):
     assert model(x).shape == (4, 10)
     assert not (tmp_path / "run" / "tracking-spool").exists()
 
+    # What the UI shows: its page, and the run with its metrics from the endpoints the page calls.
+    assert requests.get(uri + "/", timeout=10).status_code == 200
+    experiments = requests.get(uri + "/ajax-api/2.0/mlflow/experiments/get-by-name",
+                               params={"experiment_name": "nin-fashion-mnist"}, timeout=10).json()
+    found = requests.post(uri + "/ajax-api/2.0/mlflow/runs/search", timeout=10,
+                          json={"experiment_ids": [experiments["experiment"]["experiment_id"]]}).json()["runs"]
+    assert [r["info"]["run_id"] for r in found] == [run_id]
+    assert {m["key"] for m in found[0]["data"]["metrics"]} >= {"test/acc", "train/loss", "perf/img_per_s"}
+
 
 def test_restart_continues_the_same_run(tmp_path):
     """A second start of the same run folder resumes the checkpoint and the MLflow run with it."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = ["--config", str(REPO / "configs" / "cpu.yaml"), *SMOKE, f"tracking.uri={uri}", "run.name=again",
-              f"run.out_dir={tmp_path}/run"]
+              f"run.out_dir={tmp_path}/run", "tracking.log_model=false"]  # the model: the tests above and below
     assert_clean_log(train(tmp_path, *common, "train.max_steps=1"))
     first = json.loads((tmp_path / "run" / "metrics.json").read_text())["mlflow_run_id"]
     assert_clean_log(train(tmp_path, *common))  # the second start resumes
@@ -136,78 +150,21 @@ def test_tracking_disabled_never_imports_mlflow(tmp_path):
     assert json.loads((tmp_path / "runs" / "off" / "metrics.json").read_text())["mlflow_run_id"] is None
 
 
-def test_sync_tracking_cli(tmp_path):
+def test_sync_tracking_cli(tmp_path, capsys):
+    from nin_dist.train import main
+
     spool = tmp_path / "run" / "tracking-spool"
     spool.mkdir(parents=True)
-    assert subprocess.run([sys.executable, "-m", "nin_dist.train", "--sync-tracking", str(tmp_path / "run")],
-                          capture_output=True, timeout=120).returncode == 0, "nothing to send is fine"
+    assert main(["--sync-tracking", str(tmp_path / "run")]) == 0, "nothing to send is fine"
     spool.mkdir(parents=True)
     (spool / "run.json").write_text(json.dumps({"tracking_uri": "http://127.0.0.1:9"}))
     (spool / "records.jsonl").write_text(json.dumps({"kind": "metrics", "run_id": "a" * 32, "step": 1,
                                                      "timestamp": 1, "metrics": {"x/y": 1.0}}) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "nin_dist.train", "--sync-tracking", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    error = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert len(error) == 1 and "http://127.0.0.1:9" in error[0] and "unreachable" in error[0], proc.stderr
+    capsys.readouterr()
+    assert main(["--sync-tracking", str(tmp_path / "run")]) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(error) == 1 and "http://127.0.0.1:9" in error[0] and "unreachable" in error[0], error
     assert (spool / "records.jsonl").exists(), "kept for a later try"
-
-
-def test_torchrun_two_processes_against_a_real_server_and_its_ui(tmp_path):
-    """The same 2-process job against `launch/mlflow-server.sh`: one run, and the UI's page and
-    REST endpoints return it with its metrics."""
-    import requests
-    from mlflow_server import Server
-
-    srv = Server(tmp_path)
-    srv.start()
-    try:
-        train(tmp_path, "--config", str(REPO / "configs" / "cpu.yaml"), *SMOKE, f"tracking.uri={srv.uri}",
-              "run.name=e2e-server", f"run.out_dir={tmp_path}/run", nproc=2)
-        client, run = only_run(srv.uri)
-        assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
-        metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-        assert run.data.metrics["test/acc"] == pytest.approx(metrics["test_acc"])
-        assert requests.get(srv.uri + "/", timeout=10).status_code == 200  # the UI's page
-        experiments = requests.get(srv.uri + "/ajax-api/2.0/mlflow/experiments/get-by-name",
-                                   params={"experiment_name": "nin-fashion-mnist"}, timeout=10).json()
-        found = requests.post(srv.uri + "/ajax-api/2.0/mlflow/runs/search", timeout=10,
-                              json={"experiment_ids": [experiments["experiment"]["experiment_id"]]}).json()["runs"]
-        assert [r["info"]["run_id"] for r in found] == [run.info.run_id]
-        assert {m["key"] for m in found[0]["data"]["metrics"]} >= {"test/acc", "train/loss", "perf/img_per_s"}
-    finally:
-        srv.kill()
-
-
-def test_a_worker_killed_and_restarted_by_torchrun_keeps_one_run(tmp_path):
-    """SIGKILL of rank 1 mid-epoch 1 under --max-restarts=1: the restart resumes the checkpoint and
-    its MLflow run, so the job has one run whose epoch metrics continue (steps of epochs 1 and 2)."""
-    import signal
-    import time
-
-    from helpers import children, finish, local_rank, overrides, start, torchrun_cmd
-
-    from nin_dist import checkpoint as ckpt
-
-    uri, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "run"
-    steps = 40  # per epoch: 640 images, global batch 16
-    job = start(torchrun_cmd(["--standalone", "--nproc_per_node=2", "--max-restarts=1"],
-                             overrides(out, data__train_limit=16 * steps, data__test_limit=200, train__batch_size=16,
-                                       train__epochs=2, train__checkpoint_every=steps // 2)
-                             + [f"tracking.uri={uri}", "tracking.enabled=true", "tracking.system_metrics=false"]),
-                cwd=tmp_path)
-    path, deadline = out / "checkpoints" / "last.pt", time.monotonic() + 240
-    while not (path.exists() and ckpt.load(path)[ckpt.STEP] == steps // 2):
-        assert job.poll() is None, finish(job, 5)[1][-4000:]
-        assert time.monotonic() < deadline, "no mid-epoch checkpoint"
-        time.sleep(0.05)
-    workers = {local_rank(pid): pid for pid in children(job.pid)}
-    os.kill(workers[1], signal.SIGKILL)
-    rc, text = finish(job, timeout=300)
-    assert rc == 0 and "resuming from" in text, text[-4000:]
-    client, run = only_run(uri)
-    assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/acc")] == [steps, 2 * steps]
 
 
 def test_the_recipe_logs_val_every_epoch_test_at_the_end_and_the_ema_as_the_model(tmp_path):
