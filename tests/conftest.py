@@ -49,7 +49,7 @@ def _worker_scope(nodeid: str) -> str:
     return nodeid if module in SPREAD_OVER_WORKERS else module
 
 
-@pytest.hookimpl(tryfirst=True)  # ahead of xdist's own choice from --dist
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # ahead of xdist's own choice; unknown without xdist
 def pytest_xdist_make_scheduler(config, log):
     # xdist's loadgroup (marks) cannot be used: it renames the test ids, which pytest 9.2 no longer allows.
     from xdist.scheduler import LoadScopeScheduling

@@ -109,7 +109,8 @@ def _metrics(path: Path, _log: str) -> dict:
 def build_steps(out: Path, dry_run: bool) -> list[Step]:
     """The steps in order of value, as commands; the dry run's differ only in size and device."""
     xml = out / "pytest-gpu.xml"
-    pytest = ["pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--ignore=tests/tracking",
+    # `-o addopts=`: one process, not pyproject's test workers (one GPU; the GPU image has no pytest-xdist).
+    pytest = ["pytest", "-m", "gpu", "-q", "-o", "addopts=", "-p", "no:cacheprovider", "--ignore=tests/tracking",
               "--continue-on-collection-errors", "tests"]
     pytest += ["--collect-only"] if dry_run else [f"--junitxml={xml}"]
     tiny = _TINY if dry_run else []
