@@ -19,8 +19,8 @@
 #   RDZV_ENDPOINT   host:port of the rendezvous, reachable from every node (default 127.0.0.1:29400)
 #   RDZV_ID         one id per job, the same on every node
 #   MAX_RESTARTS    failures this node's torchrun restarts its workers after (default 10). A lost node
-#                   costs every other node one restart (two if it is lost during a restart); a node
-#                   joining costs none. A node whose budget runs out closes the job on every node.
+#                   costs every other node one restart, a node joining costs none: 10 outlasts several
+#                   lost hosts. A node whose budget runs out closes the job on every node.
 #   LOCAL_ADDR      this node's address as the other nodes reach it (torchrun --local-addr). Set it on
 #                   a node with several addresses (a multi-homed host, a network namespace): torchrun
 #                   otherwise names the node by its host name, which may resolve elsewhere. With
@@ -31,9 +31,10 @@
 #                   keep_alive_interval=2). They come after the script's own entries, so they win:
 #                   last_call_timeout=10 (torchrun: 30; how long a rendezvous that has MIN nodes waits
 #                   for more), plus is_host with LOCAL_ADDR.
-#   CUT_OFF_S       seconds this node may fail to reach RDZV_ENDPOINT before it ends its torchrun and
-#                   workers itself and exits 1 (default 120; 0 = never). A node cut off from the
-#                   network otherwise hangs for many minutes (see the watch below).
+#   CUT_OFF_S       seconds this node may fail to reach RDZV_ENDPOINT (once it has reached it) before
+#                   it ends its torchrun and workers itself and exits 1 (default 120; 0 = never). A
+#                   node cut off from the network otherwise hangs for many minutes (see the watch
+#                   below). It is probed every 2 s: the node ends about CUT_OFF_S + 5 s after the cut.
 #   GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME
 #                   the interface the process groups use (gloo on CPU, nccl on GPU), e.g. eth1;
 #                   passed to torchrun and its workers when set. Set them where the interface the host
@@ -108,11 +109,13 @@ torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --rdzv-backend=c1
 agent=$!
 trap 'kill -TERM "$agent" 2>/dev/null || true' TERM INT HUP  # torchrun stops its workers and exits
 
-# The watch. A node cut off from the network hangs: its workers wait out train.dist_timeout_s, then
-# its torchrun blocks in a read of the rendezvous store that neither times out nor answers SIGTERM
-# for many minutes. Only something outside torchrun can end it, so this script does: once the
-# rendezvous has answered, CUT_OFF_S seconds without reaching it end torchrun and its workers (which
-# run in sessions of their own, so a signal to torchrun's process group would miss them) with SIGKILL.
+# The watch. A node cut off from the network hangs: its workers wait out train.dist_timeout_s, and
+# its torchrun blocks in a call to the unreachable rendezvous store (its heartbeat holds a lock that
+# the monitoring loop waits for) until TCP gives up, many minutes later; it does not even notice that
+# its workers have ended. Only something outside torchrun can end it, so this script does: once the
+# rendezvous has answered, CUT_OFF_S seconds without reaching it end torchrun and its workers with
+# SIGKILL (SIGTERM reaches torchrun only between its store calls, and the workers run in sessions of
+# their own, so a signal to torchrun's process group would miss them).
 reachable() {  # a TCP connection to the rendezvous store, opened and closed
   # shellcheck disable=SC2016  # $1 and $2 are the inner bash's arguments
   timeout "$PROBE_S" bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$rdzv_host" "$rdzv_port" 2>/dev/null
@@ -140,11 +143,11 @@ end_node() {
 last_reached=''                                # SECONDS when the rendezvous last answered
 next_probe=0
 while kill -0 "$agent" 2>/dev/null; do
-  if (( SECONDS >= next_probe )); then
+  if (( CUT_OFF_S > 0 && SECONDS >= next_probe )); then
     next_probe=$((SECONDS + PROBE_S))
     if reachable; then
       last_reached=$SECONDS
-    elif [[ -n "$last_reached" ]] && (( CUT_OFF_S > 0 && SECONDS - last_reached >= CUT_OFF_S )); then
+    elif [[ -n "$last_reached" ]] && (( SECONDS - last_reached >= CUT_OFF_S )); then
       echo "multinode.sh: error: the rendezvous $RDZV_ENDPOINT was unreachable for $((SECONDS - last_reached)) s" \
         "(CUT_OFF_S=$CUT_OFF_S); this node left the job: torchrun (pid $agent) and its workers ended" >&2
       end_node
