@@ -4,6 +4,7 @@ the PyTorchJob is checked in test_pytorchjob.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -187,5 +188,14 @@ def test_multinode_ends_torchrun_and_its_workers_when_the_rendezvous_stops_answe
     rc, text = finish(node, timeout=60)
     assert rc == 1 and f"the rendezvous 127.0.0.1:{port} was unreachable for" in text, text
     assert time.monotonic() - started < 10, text  # CUT_OFF_S=1 and a probe every 2 s
-    worker = int(re.search(r"worker (\d+)", text)[1])
-    assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2], text
+    worker = Path("/proc", re.search(r"worker (\d+)", text)[1], "stat")
+
+    def alive() -> bool:  # a SIGKILL lands when the process next runs; a zombie is gone already
+        with contextlib.suppress(OSError):
+            return worker.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return False
+
+    deadline = time.monotonic() + 5
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(), text
