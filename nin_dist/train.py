@@ -117,6 +117,9 @@ class Trainer:
         self.tracker.log_artifact_file(self.run_dir.write_config(cfg))  # before the first step
         if not self.resumed:
             self.tracker.log_datasets(self.train_split, self.test_split, self.val_split)
+            # A checkpoint of the start: a restart before the first periodic save (an epoch, without
+            # train.checkpoint_every) resumes from it, so the job keeps this MLflow run.
+            self.save()
         max_steps = cfg.train.max_steps or math.inf
         results, predictions = {}, None
         self.tracker.log_metrics(self._world_metrics(), self.step)  # where this attempt starts
