@@ -38,7 +38,8 @@ from helpers import REPO, env, last_checkpoint, local_rank, max_rel_diff, overri
 
 from nin_dist import checkpoint as ckpt
 
-pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
+pytestmark = [pytest.mark.filterwarnings("ignore:Unable to enable fault handler"),
+              pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")]  # MLflow's own
 
 MULTINODE = REPO / "launch" / "multinode.sh"
 NAME = f"nin{os.getpid()}"  # namespace names: unique per test process, so parallel workers never meet
@@ -172,14 +173,23 @@ class Network:
                 host.kill_all()
 
     def tear_down(self) -> None:
-        """Kill every process in the namespaces, then delete them (their interfaces go with them)."""
-        existing = ip("netns", "list").split()
+        """Kill every process in the namespaces, then delete them (their interfaces go with them); each
+        step is tried even when one before it failed, and the first failure is raised at the end."""
+        existing, failures = ip("netns", "list").split(), []
         for host in self.hosts:
             if host.ns in existing:
-                host.kill_all()
-                ip("netns", "del", host.ns)
+                for step in (host.kill_all, lambda ns=host.ns: ip("netns", "del", ns)):
+                    try:
+                        step()
+                    except (OSError, RuntimeError) as err:
+                        failures.append(err)
         if self.switch in existing:
-            ip("netns", "del", self.switch)
+            try:
+                ip("netns", "del", self.switch)
+            except (OSError, RuntimeError) as err:
+                failures.append(err)
+        if failures:
+            raise failures[0]
 
 
 @pytest.fixture(scope="module")
@@ -308,13 +318,19 @@ def test_a_host_killed_and_started_again_shrinks_and_grows_the_job_onto_the_same
     run = runs[0]
     assert run.info.status == "FINISHED"
 
-    def history(key: str) -> list[float]:
-        return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key),
-                                        key=lambda m: (m.step, m.timestamp))]
+    def history(key: str) -> list[tuple[int, float]]:
+        """(step, value) in the order logged."""
+        return [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                  key=lambda m: (m.step, m.timestamp))]
 
-    worlds, restarts = history("dist/world_size"), history("dist/restarts")
-    print(f"\nMLflow run {run.info.run_id}: {run.info.status}; dist/world_size over steps {compressed(worlds)}, "
-          f"dist/restarts {compressed(restarts)}")
+    def changes(points: list[tuple[int, float]]) -> str:
+        return ", ".join(f"{value:g} from step {step}" for i, (step, value) in enumerate(points)
+                         if i == 0 or value != points[i - 1][1])
+
+    print(f"\nMLflow run {run.info.run_id}: {run.info.status}; dist/world_size {changes(history('dist/world_size'))}; "
+          f"dist/restarts {changes(history('dist/restarts'))}")
+    worlds = [value for _, value in history("dist/world_size")]
+    restarts = [value for _, value in history("dist/restarts")]
     assert compressed(worlds)[-3:] == [2, 1, 2]  # (a world of 1 before them: B late for the first round)
     assert compressed(restarts) == [0, 1]  # the loss of B is a failure; B's return (or late arrival) is not
 
