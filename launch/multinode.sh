@@ -8,11 +8,47 @@
 # The rendezvous store and MASTER_PORT are unauthenticated (TCPStore listens on every interface and
 # the process group unpickles what it receives): keep the nodes on a private network.
 #
+# Hosts may come and go (README, "Fault tolerance"). With NNODES=MIN:MAX a job that loses a node
+# restarts on the nodes left (if at least MIN) from the last checkpoint, and a node started later
+# with the same settings joins it; the global batch stays train.batch_size, so the weights are those
+# one process would have. The node at RDZV_ENDPOINT must stay up: its loss ends the job.
+#
+# Settings (environment):
+#   NNODES          node count, or MIN:MAX for an elastic job (default 2)
+#   NPROC_PER_NODE  processes on this node (default: one per visible GPU, else 1)
+#   RDZV_ENDPOINT   host:port of the rendezvous, reachable from every node (default 127.0.0.1:29400)
+#   RDZV_ID         one id per job, the same on every node
+#   MAX_RESTARTS    failures this node's torchrun restarts its workers after (default 10). A lost node
+#                   costs every other node one restart, a node joining costs none: 10 outlasts several
+#                   lost hosts. A node whose budget runs out closes the job on every node.
+#   LOCAL_ADDR      this node's address as the other nodes reach it (torchrun --local-addr). Set it on
+#                   a node with several addresses (a multi-homed host, a network namespace): torchrun
+#                   otherwise names the node by its host name, which may resolve elsewhere. With
+#                   LOCAL_ADDR the script also says whether this node hosts the rendezvous (is_host=1
+#                   when LOCAL_ADDR is RDZV_ENDPOINT's host, else 0), where torchrun's own guess fails
+#                   ("The connection to the C10d store has failed").
+#   RDZV_CONF       extra --rdzv-conf entries, key=value[,key=value...] (e.g. is_host=1,
+#                   keep_alive_interval=2). They come after the script's own entries, so they win:
+#                   last_call_timeout=10 (torchrun: 30; how long a rendezvous that has MIN nodes waits
+#                   for more), plus is_host with LOCAL_ADDR.
+#   CUT_OFF_S       seconds this node may fail to reach RDZV_ENDPOINT (once it has reached it) before
+#                   it ends its torchrun and workers itself and exits 1 (default 120; 0 = never). A
+#                   node cut off from the network otherwise hangs for many minutes (see the watch
+#                   below). It is probed every 2 s: the node ends about CUT_OFF_S + 5 s after the cut.
+#   GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME
+#                   the interface the process groups use (gloo on CPU, nccl on GPU), e.g. eth1;
+#                   passed to torchrun and its workers when set. Set them where the interface the host
+#                   name resolves to is not the one the other nodes reach.
+#
 # Examples:
 #   # two nodes with 8 GPUs each; node0 is 10.0.0.1 (run on both):
 #   RDZV_ENDPOINT=10.0.0.1:29400 RDZV_ID=nin-42 launch/multinode.sh --config configs/d2l.yaml
 #   # elastic: start with whatever 1 to 4 nodes are up, admit more as they come:
 #   NNODES=1:4 RDZV_ENDPOINT=10.0.0.1:29400 RDZV_ID=nin-43 launch/multinode.sh --config configs/d2l.yaml
+#   # elastic CPU nodes on a private network (on 10.0.0.1, which hosts the rendezvous; on the others
+#   # LOCAL_ADDR is their own address):
+#   NNODES=1:2 NPROC_PER_NODE=1 RDZV_ENDPOINT=10.0.0.1:29400 RDZV_ID=nin-44 LOCAL_ADDR=10.0.0.1 \
+#       GLOO_SOCKET_IFNAME=eth1 launch/multinode.sh --config configs/cpu.yaml train.device=cpu
 #   # two "nodes" of one CPU process each on this machine (what the tests do):
 #   NNODES=2 NPROC_PER_NODE=1 RDZV_ENDPOINT=127.0.0.1:29500 RDZV_ID=nin-local-1 launch/multinode.sh \
 #       --config configs/cpu.yaml train.device=cpu &   # and the same again in a second shell
@@ -27,7 +63,11 @@ NNODES=${NNODES:-2}                            # node count, or MIN:MAX for an e
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(default_processes)}  # default: one per visible GPU, else 1
 RDZV_ENDPOINT=${RDZV_ENDPOINT:-127.0.0.1:29400}  # host:port of the rendezvous, reachable from every node
 RDZV_ID=${RDZV_ID:-}                           # one id per job, the same on every node; names runs/nin-<id>
-MAX_RESTARTS=${MAX_RESTARTS:-3}                # worker-group restarts before the job fails
+MAX_RESTARTS=${MAX_RESTARTS:-10}               # failures restarted after; a lost node costs one
+LOCAL_ADDR=${LOCAL_ADDR:-}                     # this node's address for the others; empty: its host name
+RDZV_CONF=${RDZV_CONF:-}                       # extra --rdzv-conf key=value entries; they win
+CUT_OFF_S=${CUT_OFF_S:-120}                    # rendezvous unreachable this long: end this node; 0 = never
+PROBE_S=2                                      # seconds between probes of the rendezvous, and each one's limit
 
 if [[ -z "$RDZV_ID" ]]; then
   if [[ "$NNODES" != 1 ]]; then
@@ -37,7 +77,86 @@ if [[ -z "$RDZV_ID" ]]; then
   fi
   RDZV_ID="nin-$(date +%Y%m%d-%H%M%S)-$$"      # one node: this job's own id
 fi
+if [[ ! "$CUT_OFF_S" =~ ^[0-9]+$ ]]; then
+  echo "multinode.sh: error: CUT_OFF_S=$CUT_OFF_S is not allowed: a whole number of seconds (0 = never)" >&2
+  exit 2
+fi
+rdzv_host=${RDZV_ENDPOINT%:*}
+rdzv_port=${RDZV_ENDPOINT##*:}
+if [[ "$RDZV_ENDPOINT" != *:* ]]; then
+  rdzv_port=29400                              # torchrun's default port for c10d
+fi
 
-exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --rdzv-backend=c10d \
-  --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RDZV_ID" --max-restarts="$MAX_RESTARTS" \
-  -m nin_dist.train "$@"
+# The script's own rendezvous settings, then RDZV_CONF: torchrun keeps the last value of a key.
+conf="last_call_timeout=10"
+local_addr=()
+if [[ -n "$LOCAL_ADDR" ]]; then
+  local_addr=(--local-addr="$LOCAL_ADDR")
+  if [[ "$LOCAL_ADDR" == "$rdzv_host" ]]; then conf+=",is_host=1"; else conf+=",is_host=0"; fi
+fi
+conf+="${RDZV_CONF:+,$RDZV_CONF}"
+# Each attempt's rank 0 serves its process group a store of its own instead of the agents sharing
+# one: a node that joins a running job counts its restarts from 0, so keys named by the restart
+# count would not meet those of the nodes already there (nin_dist.distributed._attempt_store).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+for name in GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; do
+  if [[ -n "${!name:-}" ]]; then export "${name?}"; else unset "$name"; fi  # empty would name no interface
+done
+
+torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --rdzv-backend=c10d \
+  --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RDZV_ID" --rdzv-conf="$conf" "${local_addr[@]}" \
+  --max-restarts="$MAX_RESTARTS" -m nin_dist.train "$@" &
+agent=$!
+trap 'kill -TERM "$agent" 2>/dev/null || true' TERM INT HUP  # torchrun stops its workers and exits
+
+# The watch. A node cut off from the network hangs: its workers wait out train.dist_timeout_s, and
+# its torchrun blocks in a call to the unreachable rendezvous store (its heartbeat holds a lock that
+# the monitoring loop waits for) until TCP gives up, many minutes later; it does not even notice that
+# its workers have ended. Only something outside torchrun can end it, so this script does: once the
+# rendezvous has answered, CUT_OFF_S seconds without reaching it end torchrun and its workers with
+# SIGKILL (SIGTERM reaches torchrun only between its store calls, and the workers run in sessions of
+# their own, so a signal to torchrun's process group would miss them).
+reachable() {  # a TCP connection to the rendezvous store, opened and closed
+  # shellcheck disable=SC2016  # $1 and $2 are the inner bash's arguments
+  timeout "$PROBE_S" bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$rdzv_host" "$rdzv_port" 2>/dev/null
+}
+children() {  # the pids whose parent is $1, read from /proc
+  local stat fields rest
+  for stat in /proc/[0-9]*/stat; do
+    read -r fields 2>/dev/null < "$stat" || continue
+    rest=${fields##*) }                        # the fields after the command name, which may hold spaces
+    if [[ "${rest#* }" == "$1 "* ]]; then
+      fields=${stat#/proc/}
+      echo "${fields%/stat}"
+    fi
+  done
+}
+end_node() {
+  local workers
+  workers=$(children "$agent")                 # before torchrun dies and init adopts them
+  kill -KILL "$agent" 2>/dev/null || true
+  for pid in $workers $(for w in $workers; do children "$w"; done); do
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+}
+
+last_reached=''                                # SECONDS when the rendezvous last answered
+next_probe=0
+while kill -0 "$agent" 2>/dev/null; do
+  if (( CUT_OFF_S > 0 && SECONDS >= next_probe )); then
+    next_probe=$((SECONDS + PROBE_S))
+    if reachable; then
+      last_reached=$SECONDS
+    elif [[ -n "$last_reached" ]] && (( SECONDS - last_reached >= CUT_OFF_S )); then
+      echo "multinode.sh: error: the rendezvous $RDZV_ENDPOINT was unreachable for $((SECONDS - last_reached)) s" \
+        "(CUT_OFF_S=$CUT_OFF_S); this node left the job: torchrun (pid $agent) and its workers ended" >&2
+      end_node
+      wait "$agent" 2>/dev/null || true
+      exit 1
+    fi
+  fi
+  sleep 0.2                                    # short: a signal's trap runs when the sleep ends
+done
+status=0
+wait "$agent" || status=$?
+exit "$status"

@@ -44,6 +44,13 @@ MAX_BUCKET_MB = 65536.0  # DDP bucket, MiB: larger than the gradients of the lar
 # A shift of half the 28-pixel image each way already moves most of a garment out of the frame.
 MAX_TRANSLATE = 14
 MAX_TIMEOUT_S = 3600.0  # one tracking call; longer waits stall the run, and the sender's guard is 6x this
+MAX_DIST_TIMEOUT_S = 86400.0  # one collective: a day; a peer silent for longer is gone
+# train.dist_timeout_s when null, by process-group backend. gloo (CPU): nothing a rank does between two
+# collectives (a step, a checkpoint, an evaluation shard) takes more than seconds, so two minutes of
+# silence means a lost peer. nccl (GPU): with train.compile=true the first step waits in its first
+# all-reduce until the slowest rank has compiled its graphs and autotuned its kernels, which takes
+# minutes with a cold cache; ten minutes leaves room for that and still ends a lost-peer hang.
+DIST_TIMEOUT_S = {"gloo": 120.0, "nccl": 600.0}
 RUN_ID = re.compile(r"[A-Za-z0-9][\w-]{0,255}")  # what MLflow accepts as a run id
 # A registered model's name, as a `models:/NAME@alias` URI can carry it (MLflow splits those at / and @).
 MODEL_NAME = re.compile(r"(?!\.\.|\.$)[^\s/:@%\x00-\x1f\x7f](?:[^/:@%\x00-\x1f\x7f]{0,254}[^\s/:@%\x00-\x1f\x7f])?")
@@ -154,6 +161,11 @@ class TrainConfig:
     log_every: int = 50  # steps between train-loss logs (step 1, then every N)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
     bucket_cap_mb: float = 25.0  # DDP gradient bucket size, MiB
+    # Seconds a collective (and the process group's set-up) waits for the other ranks before this
+    # rank fails and torchrun restarts the job: how long a lost or cut-off host takes to be found.
+    # null: 120 on gloo (CPU), 600 on nccl (GPU: the first step waits out torch.compile; see
+    # DIST_TIMEOUT_S above).
+    dist_timeout_s: float | None = None
     # Rank 0's progress display: bar (tqdm, for a terminal), lines (one log line every train.log_every
     # steps, no carriage returns: for log files), off, or auto = bar when stderr is a terminal, else
     # lines. true means auto and false off (YAML reads `off` as false).
@@ -181,6 +193,8 @@ class TrainConfig:
                  f"0 (epoch ends) or a step count up to {MAX_STEPS:.0e}", self.checkpoint_every)
         require(0 < self.bucket_cap_mb <= MAX_BUCKET_MB, "train.bucket_cap_mb",
                  f"a positive size in MiB up to {MAX_BUCKET_MB:g}", self.bucket_cap_mb)
+        require(self.dist_timeout_s is None or 1 <= self.dist_timeout_s <= MAX_DIST_TIMEOUT_S, "train.dist_timeout_s",
+                f"null (120 s on CPU, 600 s on GPU) or 1 to {MAX_DIST_TIMEOUT_S:g} seconds", self.dist_timeout_s)
         require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "in [0, 1) (0 = off)", self.ema_decay)
         if isinstance(self.progress, bool):  # the switch's old form: stored as the mode it means
             object.__setattr__(self, "progress", "auto" if self.progress else "off")
@@ -295,7 +309,7 @@ def dump_yaml(cfg: Config) -> str:
 
 
 # Keys that change how a run computes but not what it computes; a resume may change them freely.
-_RESUMABLE_KEYS = ("train.max_steps", "train.progress", "train.log_every",
+_RESUMABLE_KEYS = ("train.max_steps", "train.progress", "train.log_every", "train.dist_timeout_s",
                    "train.checkpoint_every", "train.threads", "train.tta", "train.eval_test_every_epoch",
                    "tracking.", "run.", "data.root",
                    "data.download", "data.mirror", "model.kernel", "train.compile", "train.bucket_cap_mb")

@@ -1,8 +1,11 @@
 """The process group from torchrun's environment, rank helpers, DDP wrap and reductions.
 
 torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; they are
-the inputs read here, with TORCHELASTIC_RESTART_COUNT to keep restarts apart (see `_attempt_store`).
-Without them a process is a world of one and no process group is made.
+the inputs read here, with TORCHELASTIC_RESTART_COUNT to keep restarts apart (see `_attempt_store`)
+and to report them (`DistInfo.restarts`). Without them a process is a world of one and no process
+group is made. The group's timeout (`train.dist_timeout_s`, else `DIST_TIMEOUT_S` of the backend)
+bounds every collective: a peer that vanishes (host lost, link cut) fails this rank after that long,
+and torchrun then forms the job again from the hosts that are left.
 Backend: nccl on CUDA, gloo on the CPU. Reductions say in their names where the result lives:
 `all_reduce_sum_` works in place on a device tensor, `*_float` returns a host number (a sync).
 """
@@ -20,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from nin_dist.config import DIST_TIMEOUT_S
 from nin_dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,8 @@ class DistInfo:
     local_world_size: int
     device: torch.device
     backend: str | None  # None for a world of one without a process group
+    timeout_s: float = 0.0  # the process group's timeout, seconds (0 without a process group)
+    restarts: int = 0  # TORCHELASTIC_RESTART_COUNT: failed attempts this node's torchrun has restarted
 
     @property
     def is_main(self) -> bool:
@@ -54,9 +60,9 @@ def _pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto", threads: int | None = None,
-                     timeout: datetime.timedelta = datetime.timedelta(minutes=10)) -> DistInfo:
-    """Read torchrun's environment, pick the device, and join the process group (if any)."""
+def init_distributed(device: str = "auto", threads: int | None = None, timeout_s: float | None = None) -> DistInfo:
+    """Read torchrun's environment, pick the device, and join the process group (if any) with a timeout
+    of `timeout_s` seconds (None: the backend's `DIST_TIMEOUT_S`)."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -68,13 +74,16 @@ def init_distributed(device: str = "auto", threads: int | None = None,
         torch.set_num_threads(threads or max(1, cores // local_world_size))
     else:
         torch.cuda.set_device(dev)
-    backend = None
+    backend, seconds = None, 0.0
     if world_size > 1:
         backend = "nccl" if dev.type == "cuda" else "gloo"
+        seconds = timeout_s or DIST_TIMEOUT_S[backend]
+        timeout = datetime.timedelta(seconds=seconds)
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
                                 store=_attempt_store(world_size, timeout),
                                 device_id=dev if dev.type == "cuda" else None)
-    return DistInfo(rank, local_rank, world_size, local_world_size, dev, backend)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    return DistInfo(rank, local_rank, world_size, local_world_size, dev, backend, seconds, restarts)
 
 
 def _attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
@@ -84,7 +93,10 @@ def _attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store |
     same MASTER_ADDR:MASTER_PORT, and the process group's keys (each rank's gloo address, the nccl
     id) carry no attempt in their names: after `--max-restarts` restarts the workers, the new ranks
     read the dead ranks' addresses and never connect. Keying this attempt's process group by
-    TORCHELASTIC_RESTART_COUNT keeps the attempts apart.
+    TORCHELASTIC_RESTART_COUNT keeps the attempts apart while every node restarts together. A node
+    that joins a running job starts its count at 0 while the others count their failures, so they
+    would never meet here: launch/multinode.sh turns the shared store off
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), and each attempt's rank 0 serves a store of its own.
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None

@@ -117,8 +117,13 @@ class Trainer:
         self.tracker.log_artifact_file(self.run_dir.write_config(cfg))  # before the first step
         if not self.resumed:
             self.tracker.log_datasets(self.train_split, self.test_split, self.val_split)
+            # A checkpoint of the start: a restart before the first periodic save (an epoch, without
+            # train.checkpoint_every) resumes from it, so the job keeps this MLflow run.
+            self.save()
         max_steps = cfg.train.max_steps or math.inf
         results, predictions = {}, None
+        self.tracker.log_metrics(self._world_metrics(), self.step)  # where this attempt starts
+        attempt_start = self.step
         progress = Progress(cfg.train.progress, batches.steps_per_epoch * cfg.train.epochs, self.step, info.is_main)
         while self.epoch < cfg.train.epochs and self.step < max_steps:
             t0, images = time.perf_counter(), 0
@@ -133,6 +138,8 @@ class Trainer:
                 accumulate(sums, loss, logits, labels)
                 self.step, self.epoch_step, images = self.step + 1, self.epoch_step + 1, images + batches.global_batch
                 progress.update()
+                if self.step == attempt_start + 1:
+                    self._log_first_step()
                 if self.step == 1 or self.step % cfg.train.log_every == 0:
                     self._log_loss(loss, progress, images / (time.perf_counter() - t0))
                 if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
@@ -162,7 +169,19 @@ class Trainer:
         loss_value = distributed.all_reduce_sum_(loss.float().clone()).item() / self.info.world_size
         self._check_finite(loss_value)
         progress.report(loss_value, img_per_s)
-        self.tracker.log_metrics({"train/loss": loss_value, "train/lr": self.scheduler.get_last_lr()[0]}, self.step)
+        self.tracker.log_metrics({"train/loss": loss_value, "train/lr": self.scheduler.get_last_lr()[0],
+                                  **self._world_metrics()}, self.step)
+
+    def _world_metrics(self) -> dict[str, float]:
+        """The world this attempt trains in: processes, and the failures rank 0's torchrun restarted after
+        (a node joining restarts the workers too, without counting)."""
+        return {"dist/world_size": self.info.world_size, "dist/restarts": self.info.restarts}
+
+    def _log_first_step(self) -> None:
+        """One line when this attempt has made its first step: a (re)started job trains again from here."""
+        info = self.info
+        log.info("training: step %d done in a world of %d on %d node%s (restart %d)", self.step, info.world_size,
+                 info.num_nodes, "s" if info.num_nodes > 1 else "", info.restarts)
 
     def _end_epoch(self, sums: torch.Tensor, images: int, seconds: float, last: bool):
         """Reduce the epoch's train sums, score val / test (test predictions at the end), log; returns the metrics."""
@@ -268,11 +287,12 @@ def main(argv: list[str] | None = None) -> int:
             init_logging(0)
             return sync(Path(args.sync_tracking))
         cfg = load_config(args.config, args.overrides)
-        info = distributed.init_distributed(cfg.train.device, cfg.train.threads)
+        info = distributed.init_distributed(cfg.train.device, cfg.train.threads, cfg.train.dist_timeout_s)
         init_logging(info.rank)
         check_world(cfg, info)
         cfg = resolve_run(precision.resolve_config(cfg, info.device))
-        log.info("run %s -> %s (world size %d, %s)", cfg.run.name, cfg.run.out_dir, info.world_size, info.device)
+        log.info("run %s -> %s (world size %d, %s%s)", cfg.run.name, cfg.run.out_dir, info.world_size, info.device,
+                 f", a lost peer is found after {info.timeout_s:g} s" if info.backend else "")
         fit(cfg, info)
         return 0
     except UserError as err:

@@ -84,6 +84,8 @@ def test_flatten_covers_every_key_and_hash_ignores_bookkeeping():
     cfg = load_config(None, [])
     assert sorted(flatten(cfg)) == sorted(all_keys())
     assert config_hash(cfg) == config_hash(load_config(None, ["train.progress=false", "run.name=x"]))
+    # How long a lost peer takes to find does not change the weights: a restart may set another.
+    assert config_hash(cfg) == config_hash(load_config(None, ["train.dist_timeout_s=30"]))
     assert config_hash(cfg) != config_hash(load_config(None, ["optim.lr=0.2"]))
 
 
@@ -191,6 +193,11 @@ def test_unreadable_config_path_is_one_config_error(tmp_path, make, message):
     (f"train.eval_batch_size={10**30}", "a batch from 1 to 60000"),
     (f"train.threads={2**31}", "null or 1 to 1024"),
     ("train.bucket_cap_mb=1e300", "a positive size in MiB up to 65536"),
+    ("train.dist_timeout_s=0", "null (120 s on CPU, 600 s on GPU) or 1 to 86400 seconds"),
+    ("train.dist_timeout_s=0.5", "null (120 s on CPU, 600 s on GPU) or 1 to 86400 seconds"),
+    ("train.dist_timeout_s=-1", "null (120 s on CPU, 600 s on GPU) or 1 to 86400 seconds"),
+    ("train.dist_timeout_s=1e6", "null (120 s on CPU, 600 s on GPU) or 1 to 86400 seconds"),
+    ("train.dist_timeout_s=inf", "a finite number"),
     (f"data.train_limit={10**30}", "null or a count from 1 to 60000"),
     ("data.test_limit=10001", "null or a count from 1 to 10000"),
     ("model.stem_kernel=100000", "a kernel size from 1 to 2048"),
@@ -230,6 +237,7 @@ def test_cross_field_bounds(overrides, message):
 def test_largest_values_allowed_load():
     cfg = load_config(None, [f"seed={SEED_LIMIT - 1}", "model.width=16", "data.resize=2048", "train.epochs=1000000",
                              "train.batch_size=60000", "train.threads=1024", "tracking.timeout_s=3600",
+                             "train.dist_timeout_s=86400",
                              "optim.warmup_epochs=1000000", f"train.max_steps={MAX_STEPS}"])
     assert cfg.seed == SEED_LIMIT - 1 and cfg.model.width == 16.0
 
@@ -260,6 +268,7 @@ def test_split_sizes_and_parameter_count_match_the_real_ones():
     (None, f"seed={10**20}"),
     (None, "optim.warmup_epochs=inf"),
     (None, "tracking.timeout_s=nan"),
+    (None, "train.dist_timeout_s=0"),
 ])
 def test_cli_hostile_input_exits_2_with_one_line(tmp_path, capsys, yaml_text, override):
     argv = [f"data.root={tmp_path / 'nowhere'}", "data.download=false", "tracking.enabled=false",

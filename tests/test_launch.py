@@ -1,18 +1,23 @@
 """launch/: shell scripts that pass bash -n and shellcheck, and local.sh actually starting a 2-process job.
-(launch/multinode.sh runs for real in test_distributed.py; the PyTorchJob is checked in test_pytorchjob.py.)"""
+(launch/multinode.sh runs for real in test_distributed.py, and on hosts of their own in test_hosts.py;
+the PyTorchJob is checked in test_pytorchjob.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, env, overrides, run
+from helpers import REPO, env, finish, overrides, run, start
 
 LAUNCH = REPO / "launch"
 SCRIPTS = ["local.sh", "multinode.sh", "slurm.sbatch"]  # gpus.sh is sourced by the first two
@@ -94,12 +99,23 @@ def test_slurm_script_rendezvous_on_the_first_node(tmp_path):
     assert words[-4:] == ["nin_dist.train", "--config", "configs/d2l.yaml", "train.epochs=1"]
 
 
-def _multinode(tmp_path, **variables) -> tuple[int, str]:
-    """launch/multinode.sh with a stand-in torchrun that prints the command it was given."""
-    _stub(tmp_path, "torchrun", 'echo "torchrun $*"')
+# What the process groups and the rendezvous see of the environment torchrun gets.
+_PRINT_ENV = ('for name in GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME TORCH_DISABLE_SHARE_RDZV_TCP_STORE; do '
+              'echo "$name=${!name-unset}"; done')
+
+
+def _multinode(tmp_path, torchrun: str = 'echo "torchrun $*"', **variables) -> tuple[int, str]:
+    """launch/multinode.sh with a stand-in torchrun (by default one that prints the command it was given)."""
+    return run(["bash", str(LAUNCH / "multinode.sh"), "--config", "configs/d2l.yaml"],
+               env=_stub_env(tmp_path, torchrun, **variables), timeout=30)
+
+
+def _stub_env(tmp_path, torchrun: str, **variables) -> dict[str, str]:
+    """The environment of a multinode.sh whose torchrun is the stand-in script `torchrun`."""
+    _stub(tmp_path, "torchrun", torchrun)
     node_env = {k: v for k, v in env(**variables).items() if k not in ("RDZV_ID", "RDZV_ENDPOINT", "NNODES")}
     node_env.update(variables, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    return run(["bash", str(LAUNCH / "multinode.sh"), "--config", "configs/d2l.yaml"], env=node_env, timeout=30)
+    return node_env
 
 
 def test_multinode_needs_one_rdzv_id_per_job_with_more_than_one_node(tmp_path):
@@ -126,3 +142,60 @@ def test_servers_default_to_loopback():
     assert "HOST=${HOST:-127.0.0.1}" in (LAUNCH / "mlflow-server.sh").read_text()
     assert "RDZV_ENDPOINT=${RDZV_ENDPOINT:-127.0.0.1:" in (LAUNCH / "multinode.sh").read_text()
     assert "--standalone" in (LAUNCH / "local.sh").read_text()  # torchrun's own rendezvous on localhost
+
+
+def test_multinode_passes_addresses_interfaces_and_rendezvous_settings_to_torchrun(tmp_path):
+    common = {"NNODES": "1:2", "NPROC_PER_NODE": "1", "RDZV_ID": "nin-42", "RDZV_ENDPOINT": "10.0.0.1:29400",
+              "RDZV_CONF": "last_call_timeout=3,keep_alive_interval=1", "GLOO_SOCKET_IFNAME": "eth1"}
+    torchrun = f'echo "torchrun $*"; {_PRINT_ENV}'
+    rc, host = _multinode(tmp_path, torchrun, **common, LOCAL_ADDR="10.0.0.1")  # the rendezvous host
+    assert rc == 0, host
+    words = host.split()
+    # The script's own settings first, RDZV_CONF's after them: torchrun keeps a key's last value.
+    assert "--rdzv-conf=last_call_timeout=10,is_host=1,last_call_timeout=3,keep_alive_interval=1" in words, host
+    assert "--local-addr=10.0.0.1" in words and "--max-restarts=10" in words, host
+    assert {"GLOO_SOCKET_IFNAME=eth1", "NCCL_SOCKET_IFNAME=unset", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"} <= set(words)
+    rc, other = _multinode(tmp_path, torchrun, **(common | {"LOCAL_ADDR": "10.0.0.2", "GLOO_SOCKET_IFNAME": ""}))
+    assert rc == 0, other
+    assert "--rdzv-conf=last_call_timeout=10,is_host=0,last_call_timeout=3,keep_alive_interval=1" in other.split()
+    assert "GLOO_SOCKET_IFNAME=unset" in other.split()  # an empty name would name no interface
+    rc, plain = _multinode(tmp_path, NNODES="2", NPROC_PER_NODE="1", RDZV_ID="nin-42")
+    assert rc == 0 and "--rdzv-conf=last_call_timeout=10" in plain.split(), plain
+    assert not any(word.startswith("--local-addr") for word in plain.split()), plain
+
+
+def test_multinode_rejects_a_cut_off_time_that_is_not_seconds(tmp_path):
+    rc, text = _multinode(tmp_path, NNODES="2", NPROC_PER_NODE="1", RDZV_ID="nin-42", CUT_OFF_S="2m")
+    assert rc == 2 and text.strip() == ("multinode.sh: error: CUT_OFF_S=2m is not allowed: a whole number of "
+                                        "seconds (0 = never)"), text
+
+
+def test_multinode_ends_torchrun_and_its_workers_when_the_rendezvous_stops_answering(tmp_path):
+    """A stand-in for a cut-off node: torchrun ignoring SIGTERM (as when blocked in a store read), its
+    worker in a session of its own. The rendezvous answers once, then is gone: CUT_OFF_S later the
+    script has killed both and exits 1."""
+    torchrun = ("trap '' TERM\n"  # SIGTERM does nothing
+                "setsid sleep 300 &\n"  # the worker: torchrun starts each in a new session
+                'echo "worker $!"\n'
+                "wait")
+    with socket.create_server(("127.0.0.1", 0)) as rendezvous:
+        port = rendezvous.getsockname()[1]
+        node = start(["bash", str(LAUNCH / "multinode.sh")], env=_stub_env(tmp_path, torchrun, NNODES="2",
+                     NPROC_PER_NODE="1", RDZV_ID="nin-42", RDZV_ENDPOINT=f"127.0.0.1:{port}", CUT_OFF_S="1"))
+        rendezvous.settimeout(30)
+        rendezvous.accept()[0].close()  # the first probe: the rendezvous has answered
+    started = time.monotonic()
+    rc, text = finish(node, timeout=60)
+    assert rc == 1 and f"the rendezvous 127.0.0.1:{port} was unreachable for" in text, text
+    assert time.monotonic() - started < 10, text  # CUT_OFF_S=1 and a probe every 2 s
+    worker = Path("/proc", re.search(r"worker (\d+)", text)[1], "stat")
+
+    def alive() -> bool:  # a SIGKILL lands when the process next runs; a zombie is gone already
+        with contextlib.suppress(OSError):
+            return worker.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return False
+
+    deadline = time.monotonic() + 5
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(), text
