@@ -48,6 +48,16 @@ class DistInfo:
     def num_nodes(self) -> int:
         return max(1, self.world_size // max(1, self.local_world_size))
 
+    def metrics(self) -> dict[str, float]:
+        """The world this attempt trains in: processes, and the failures rank 0's torchrun restarted after
+        (a node joining restarts the workers too, without counting)."""
+        return {"dist/world_size": self.world_size, "dist/restarts": self.restarts}
+
+    def describe(self) -> str:
+        """`a world of 2 on 2 nodes (restart 1)`, for the line a (re)started attempt logs at its first step."""
+        nodes = self.num_nodes
+        return f"a world of {self.world_size} on {nodes} node{'s' if nodes > 1 else ''} (restart {self.restarts})"
+
 
 def _pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():

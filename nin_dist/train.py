@@ -122,7 +122,7 @@ class Trainer:
             self.save()
         max_steps = cfg.train.max_steps or math.inf
         results, predictions = {}, None
-        self.tracker.log_metrics(self._world_metrics(), self.step)  # where this attempt starts
+        self.tracker.log_metrics(self.info.metrics(), self.step)  # where this attempt starts
         attempt_start = self.step
         progress = Progress(cfg.train.progress, batches.steps_per_epoch * cfg.train.epochs, self.step, info.is_main)
         while self.epoch < cfg.train.epochs and self.step < max_steps:
@@ -138,8 +138,8 @@ class Trainer:
                 accumulate(sums, loss, logits, labels)
                 self.step, self.epoch_step, images = self.step + 1, self.epoch_step + 1, images + batches.global_batch
                 progress.update()
-                if self.step == attempt_start + 1:
-                    self._log_first_step()
+                if self.step == attempt_start + 1:  # a (re)started job trains again from here
+                    log.info("training: step %d done in %s", self.step, info.describe())
                 if self.step == 1 or self.step % cfg.train.log_every == 0:
                     self._log_loss(loss, progress, images / (time.perf_counter() - t0))
                 if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
@@ -170,18 +170,7 @@ class Trainer:
         self._check_finite(loss_value)
         progress.report(loss_value, img_per_s)
         self.tracker.log_metrics({"train/loss": loss_value, "train/lr": self.scheduler.get_last_lr()[0],
-                                  **self._world_metrics()}, self.step)
-
-    def _world_metrics(self) -> dict[str, float]:
-        """The world this attempt trains in: processes, and the failures rank 0's torchrun restarted after
-        (a node joining restarts the workers too, without counting)."""
-        return {"dist/world_size": self.info.world_size, "dist/restarts": self.info.restarts}
-
-    def _log_first_step(self) -> None:
-        """One line when this attempt has made its first step: a (re)started job trains again from here."""
-        info = self.info
-        log.info("training: step %d done in a world of %d on %d node%s (restart %d)", self.step, info.world_size,
-                 info.num_nodes, "s" if info.num_nodes > 1 else "", info.restarts)
+                                  **self.info.metrics()}, self.step)
 
     def _end_epoch(self, sums: torch.Tensor, images: int, seconds: float, last: bool):
         """Reduce the epoch's train sums, score val / test (test predictions at the end), log; returns the metrics."""

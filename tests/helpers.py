@@ -120,25 +120,33 @@ def children(pid: int) -> list[int]:
     return kids
 
 
-def local_rank(pid: int) -> int | None:
-    """The LOCAL_RANK a running worker was started with, or None."""
+def env_int(pid: int, name: str) -> int | None:
+    """The integer environment variable `name` (e.g. RANK) a running process was started with, or None."""
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return None
     for item in environ:
-        if item.startswith(b"LOCAL_RANK="):
+        if item.startswith(name.encode() + b"="):
             return int(item.split(b"=", 1)[1])
     return None
 
 
-def kill_rank_after_checkpoint(job: subprocess.Popen, out_dir: Path, step: int, settle: float,
-                               rank: int = 1) -> Path:
-    """Wait for the torchrun `job`'s checkpoint of `step`, let it train `settle` seconds past it, then
-    SIGKILL its worker of LOCAL_RANK `rank` while nothing newer is saved; returns the checkpoint's path."""
+def local_rank(pid: int) -> int | None:
+    """The LOCAL_RANK a running worker was started with, or None."""
+    return env_int(pid, "LOCAL_RANK")
+
+
+def kill_rank_after_checkpoint(jobs: subprocess.Popen | list[subprocess.Popen], out_dir: Path, step: int,
+                               settle: float, rank: int = 1) -> Path:
+    """Wait for the checkpoint of `step` of the job that `jobs` run (one torchrun, or one
+    launch/multinode.sh per node), let it train `settle` seconds past it, then SIGKILL its worker of
+    global RANK `rank` while nothing newer is saved; returns the checkpoint's path."""
+    jobs = jobs if isinstance(jobs, list) else [jobs]
     path, seen, deadline = Path(out_dir) / "checkpoints" / "last.pt", None, time.monotonic() + 240
     while True:  # a new file each save: watch the inode
-        assert job.poll() is None, finish(job, 5)[1][-4000:]
+        for job in jobs:
+            assert job.poll() is None, finish(job, 5)[1][-4000:]
         assert time.monotonic() < deadline, f"no checkpoint of step {step}"
         inode = path.stat().st_ino if path.exists() else None
         if inode is not None and inode != seen:
@@ -147,8 +155,10 @@ def kill_rank_after_checkpoint(job: subprocess.Popen, out_dir: Path, step: int, 
                 break
         time.sleep(0.05)
     time.sleep(settle)  # into the steps after the checkpoint
-    workers = {local_rank(pid): pid for pid in children(job.pid)}
-    assert rank in workers, f"no worker with LOCAL_RANK={rank} among {workers}"
+    # The workers: torchrun's children, or (under multinode.sh, which watches torchrun) its grandchildren.
+    below = [pid for job in jobs for child in children(job.pid) for pid in (child, *children(child))]
+    workers = {env_int(pid, "RANK"): pid for pid in below if local_rank(pid) is not None}
+    assert rank in workers, f"no worker with RANK={rank} among {workers}"
     assert checkpoint.load(path)[checkpoint.STEP] == step  # still where it was: nothing saved since
     os.kill(workers[rank], signal.SIGKILL)
     return path
