@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 
 from helpers import data_dir  # noqa: E402  (after TRITON_INTERPRET is set)
 
-# How the test workers (pytest-xdist, `-n 2` in pyproject.toml) share the suite. By default every test
+# How the test workers (pytest-xdist, `-n 3` in pyproject.toml) share the suite. By default every test
 # of a module runs on one worker, so a module's fixtures (a reference job, an MLflow server, a SLURM
 # cluster) are made once. Modules of independent tests with no costly shared fixture are spread test
 # by test; modules that share one session fixture run on one worker together.
