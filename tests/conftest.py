@@ -49,6 +49,27 @@ def _worker_scope(nodeid: str) -> str:
     return nodeid if module in SPREAD_OVER_WORKERS else module
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """The slow first (`@pytest.mark.slow`): the workers take the scopes in collection order
+    (`--no-loadscope-reorder`), so a long job never starts last and leaves the other workers idle.
+    A module that runs on one worker moves as a whole, its tests in their order; a spread module's
+    slow tests move on their own."""
+    def slow(item) -> bool:
+        return item.get_closest_marker("slow") is not None
+
+    heavy = {item.nodeid.split("::", 1)[0] for item in items if slow(item)}
+
+    def later(item) -> bool:
+        module = item.nodeid.split("::", 1)[0]
+        return not slow(item) if module in SPREAD_OVER_WORKERS else module not in heavy
+
+    def shared(item) -> bool:  # modules sharing one session fixture: the longest scope of all
+        return item.nodeid.split("::", 1)[0] in SHARED_BY_MODULES
+
+    items.sort(key=lambda item: (later(item), not shared(item)))  # stable: the order within each part stays
+
+
 @pytest.hookimpl(tryfirst=True, optionalhook=True)  # ahead of xdist's own choice; unknown without xdist
 def pytest_xdist_make_scheduler(config, log):
     # xdist's loadgroup (marks) cannot be used: it renames the test ids, which pytest 9.2 no longer allows.

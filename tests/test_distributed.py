@@ -73,6 +73,7 @@ def _metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_one_process_equals_two(reference, tmp_path):
     out = tmp_path / "one"
     assert train_in_process(overrides(out, **RUN)) == 0
@@ -98,6 +99,7 @@ def test_progress_bar_and_epoch_lines_on_rank_0_only(reference):
     assert "img/s" not in rank1 and "epoch 1/2" not in rank1, rank1[-2000:]
 
 
+@pytest.mark.slow
 def test_two_nodes_by_c10d_rendezvous_equal_one_node_and_a_killed_worker_changes_nothing(reference, tmp_path):
     """Two `launch/multinode.sh` invocations (one process each) form one job of world size 2. Its rank 1
     is SIGKILLed mid-epoch 2: both nodes' torchruns restart their workers, which resume the checkpoint,
@@ -137,6 +139,7 @@ def test_two_nodes_by_c10d_rendezvous_equal_one_node_and_a_killed_worker_changes
         [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
 
 
+@pytest.mark.slow
 def test_a_second_job_on_a_held_folder_exits_2_on_every_rank(tmp_path):
     out = tmp_path / "run"
     tiny = overrides(out, data__train_limit=64, data__test_limit=100, train__batch_size=16, train__max_steps=1)
@@ -153,6 +156,7 @@ def test_a_second_job_on_a_held_folder_exits_2_on_every_rank(tmp_path):
     assert not (out / "config.yaml").exists() and seconds < 90, seconds
 
 
+@pytest.mark.slow
 def test_three_processes_evaluate_every_test_image_once(tmp_path):
     """3 ranks: one step equals one process's, and the 200 test images (66 + 67 + 67: shards of
     unequal size) are counted once; the unit test below checks all 10,000 on every world size.
@@ -186,6 +190,7 @@ def test_eval_shards_cover_each_test_image_exactly_once():
         assert torch.equal(seen.sort().values, torch.arange(10_000)), world
 
 
+@pytest.mark.slow
 def test_a_config_error_under_torchrun_exits_2_on_every_rank(tmp_path):
     rc, text = standalone(2, ["--config", "configs/cpu.yaml", "train.epochs=0"], extra=["--tee=3"], timeout=120)
     assert rc != 0  # torchrun reports the failed job

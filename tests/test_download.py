@@ -142,6 +142,7 @@ def test_a_given_root_is_filled_and_an_unreachable_mirror_names_the_debian_packa
     assert _everything_under(nowhere / "given") == []  # the folder it was given stays; what it made goes
 
 
+@pytest.mark.slow
 def test_two_processes_on_an_empty_root_download_once(tmp_path, real_files):
     root = tmp_path / "shared-root"
     with Mirror(real_files, delay_s=0.5) as mirror:

@@ -263,6 +263,7 @@ def report(what: str, seconds: float) -> None:
     print(f"\n{what}: {seconds:.1f} s")
 
 
+@pytest.mark.slow
 def test_a_host_killed_and_started_again_shrinks_and_grows_the_job_onto_the_same_weights(net, reference, tmp_path):
     out = tmp_path / "run"
     tracking = {"tracking__enabled": HAS_MLFLOW, "tracking__uri": f"sqlite:///{tmp_path}/mlflow.db",
@@ -335,6 +336,7 @@ def test_a_host_killed_and_started_again_shrinks_and_grows_the_job_onto_the_same
     assert compressed(restarts) == [0, 1]  # the loss of B is a failure; B's return (or late arrival) is not
 
 
+@pytest.mark.slow
 def test_a_host_cut_off_is_found_within_the_timeout_and_ends_its_own_processes(net, reference, tmp_path):
     out = tmp_path / "run"
     args = overrides(out, **RUN, train__dist_timeout_s=DIST_TIMEOUT_S)

@@ -77,6 +77,7 @@ def one_process(tmp_path_factory):
     return {"out": out, "text": text, "state": last_checkpoint(out)}
 
 
+@pytest.mark.slow
 def test_one_process_equals_two_with_the_whole_recipe_on(one_process, two_processes):
     one, two = one_process["state"], two_processes["state"]
     assert one[ckpt.STEP] == two[ckpt.STEP] == 2 * STEPS_PER_EPOCH
@@ -120,6 +121,7 @@ def test_val_and_test_are_scored_with_the_ema_weights(one_process, data_root):
     assert evaluate(trained, val, cfg.data, cfg.train, WORLD_OF_ONE).loss != metrics["val_loss"]
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_epoch_resumes_bit_identically_with_the_ema(two_processes, tmp_path):
     out = tmp_path / "run"
     kill_after = STEPS_PER_EPOCH + 2  # a mid-epoch checkpoint in epoch 2

@@ -181,6 +181,7 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
     assert all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())  # fp32 master weights
 
 
+@pytest.mark.slow
 def test_compile_on_cpu(tmp_path):
     started = time.perf_counter()
     out = tmp_path / "run"

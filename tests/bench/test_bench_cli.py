@@ -25,6 +25,7 @@ def test_bench_data_prints_both_pipelines_and_the_ratio(tmp_path, data_root, cap
     assert augmented["ratio"] == pytest.approx(sum(r["ratio"] for r in augmented["repeats"]) / 2)
 
 
+@pytest.mark.slow
 def test_bench_train_rows_are_ratios_to_the_seed_row(tmp_path, data_root, monkeypatch):
     monkeypatch.setenv("NIN_DATA_DIR", str(data_root))
     out = tmp_path / "train.json"
@@ -41,6 +42,7 @@ def test_bench_train_rows_are_ratios_to_the_seed_row(tmp_path, data_root, monkey
     assert device["step_img_per_s"] == pytest.approx(sum(r["step_img_per_s"] for r in device["repeats"]) / 2)
 
 
+@pytest.mark.slow
 def test_bench_scaling_pairs_each_repeat_with_its_own_one_process_job(tmp_path, data_root, monkeypatch):
     monkeypatch.setenv("NIN_DATA_DIR", str(data_root))
     out = tmp_path / "scaling.json"
@@ -59,6 +61,7 @@ def test_bench_kernels_without_cuda_is_one_line_and_exit_2(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_tta_reads_the_trainers_history(tmp_path, data_root, monkeypatch):
     monkeypatch.setenv("NIN_DATA_DIR", str(data_root))
     out = tmp_path / "tta.json"
@@ -70,6 +73,7 @@ def test_bench_tta_reads_the_trainers_history(tmp_path, data_root, monkeypatch):
     assert row["tta_s@1.01"] is None and result["median_s"]["1.01"] is None  # never reached
 
 
+@pytest.mark.slow
 def test_bench_tta_split_val_times_the_held_out_images(tmp_path, data_root, monkeypatch, capsys):
     monkeypatch.setenv("NIN_DATA_DIR", str(data_root))
     assert main(["tta", "--split", "val", "--seeds", "0", "data.train_limit=256"]) == 2

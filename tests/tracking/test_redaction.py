@@ -99,6 +99,7 @@ def test_a_lost_store_logs_no_password(tmp_path, server, caplog):
     assert not any(password in m for m in messages), [m for m in messages if password in m]
 
 
+@pytest.mark.slow
 def test_no_password_on_screen_or_on_disk_from_nin_sweep_nin_train_and_nin_eval(tmp_path, server):
     """A password in tracking.uri and a live server: MLflow prints "View run NAME at: <the URI as given>"
     when a run ends, password included; the commands turn that off and log their own link without it.

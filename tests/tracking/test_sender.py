@@ -10,6 +10,7 @@ import json
 import logging
 import time
 
+import pytest
 import torch
 from mlflow import MlflowClient
 from mlflow_runs import (
@@ -95,6 +96,7 @@ def test_close_returns_while_the_server_hangs(tmp_path, server):
     assert history(client, tracker.run_id)["train/loss"] == [(1, 2.0), (2, 1.0)]
 
 
+@pytest.mark.slow
 def test_server_lost_mid_run_then_synced(tmp_path, server, splits):
     """The server fails twice. First it hangs (SIGSTOP) and comes back mid-run: the tracker sends
     what it kept itself. Then it dies (SIGKILL) and is still down at the end: `sync_spool` sends the
