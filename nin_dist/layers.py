@@ -115,12 +115,12 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
         return _apply_opaque(x, weight, bias, mean, var, self.eps)
 
 
-@torch.compiler.disable  # collectives: compiled graphs call them as opaque ops
+# Compiled graphs call these as opaque ops (keep_eager_under_compile): the collectives, and the
+# per-step mask generator (a fresh generator per step, so compiled graphs never guard on the seed).
 def _global_stats_opaque(x):
     return _global_stats(x)
 
 
-@torch.compiler.disable
 def _apply_opaque(x, weight, bias, mean, var, eps):
     return _CrossRankBatchNormFn.apply(x, weight, bias, mean, var, eps)
 
@@ -150,10 +150,25 @@ class GlobalBatchDropout(nn.Dropout):
         return x * _keep_mask(x, self.p, *self._rows)
 
 
-@torch.compiler.disable  # a fresh generator per step: eager, so compiled graphs never guard on the seed
 def _keep_mask(x: torch.Tensor, p: float, offset: int, global_rows: int, seed: int) -> torch.Tensor:
     """This rank's rows of the global batch's mask, already scaled by 1 / (1 - p)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     noise = torch.rand((global_rows, *x.shape[1:]), generator=gen, device=x.device)
     keep = noise[offset: offset + x.shape[0]] >= p
     return keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+_EAGER_UNDER_COMPILE = ("_global_stats_opaque", "_apply_opaque", "_keep_mask")
+
+
+def keep_eager_under_compile() -> None:
+    """Make torch.compile call the collectives and the mask generator above as opaque eager ops.
+
+    Called before a model is compiled rather than written as `@torch.compiler.disable` on each: that
+    decorator imports torch._dynamo, about a second of every process's start-up, compiled or not.
+    The layers look these functions up by name at each call, so the marked versions take effect."""
+    names = globals()
+    for name in _EAGER_UNDER_COMPILE:
+        if not getattr(names[name], "_keeps_eager", False):
+            names[name] = torch.compiler.disable(names[name])
+            names[name]._keeps_eager = True

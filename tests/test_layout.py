@@ -70,6 +70,15 @@ def test_config_and_shapes_do_not_import_torch():
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_the_trainer_does_not_import_the_compiler_until_it_compiles():
+    """torch._dynamo is about a second of every process's start-up (each torchrun worker, each sweep
+    trial): imported only when train.compile asks for it (layers.keep_eager_under_compile)."""
+    code = ("import sys, nin_dist.train, nin_dist.eval_cli\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout
+
+
 @pytest.mark.parametrize("name", sorted(set(modules()) - set(EXEMPT)))
 def test_modules_are_small(name):
     lines = len(modules()[name].read_text().splitlines())

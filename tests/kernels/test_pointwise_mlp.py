@@ -318,22 +318,23 @@ def test_version_floor_reads_release_numbers():
 
 @pytest.mark.slow
 def test_aot_compiles_every_variant(tmp_path):
-    """python -m kernels.aot: every dispatchable variant compiles for sm_80 and sm_90 (no GPU needed),
-    16-bit and tf32 dots use mma / wgmma, nothing spills, shared memory fits. About a minute on 2 cores."""
+    """python -m kernels.aot: every dispatchable variant compiles for sm_90 (no GPU needed), 16-bit
+    and tf32 dots use wgmma, nothing spills, shared memory fits. About a minute on 2 cores. sm_90 is
+    the H100/H200 this project trains on; .ci/run compiles sm_80 with this Triton, and both
+    architectures with the other Tritons the project meets (3.6, 3.7, 3.9)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "aot.json"
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--json", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "90", "--json", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert report["failures"] == [] and all("error" not in r for r in rows)
-    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    assert {r["arch"] for r in rows} == {"sm_90"}
     assert {r["kernel"] for r in rows} == {"_fwd_kernel", "_bwd_hidden_kernel", "_bwd_dx_kernel", "_bwd_dw_kernel",
                                            "_bwd_reduce_kernel"}
     bf16_fwd = [r for r in rows if r["kernel"] == "_fwd_kernel" and r["dtype"] == "bf16"]
-    assert all(r["wgmma"] > 0 for r in bf16_fwd if r["arch"] == "sm_90")
-    assert all(r["mma"] > 0 for r in bf16_fwd if r["arch"] == "sm_80")
+    assert bf16_fwd and all(r["wgmma"] > 0 for r in bf16_fwd)
     assert max(r["spill_bytes"] for r in rows) == 0
 
 
