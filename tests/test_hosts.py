@@ -278,7 +278,9 @@ def test_a_host_killed_and_started_again_shrinks_and_grows_the_job_onto_the_same
         fault = time.monotonic()
         net.b.kill_all()
         _, resumed = a.wait_for(r"resuming from .* step (\d+)", since=fault, timeout=120)
-        assert int(resumed[1]) == step, a.tail()  # the newest checkpoint at the fault: < checkpoint_every redone
+        # The newest checkpoint at the fault: the one seen before it, or one the step in flight saved
+        # (its all-reduce done before the kill), so fewer than checkpoint_every steps are redone.
+        assert step <= int(resumed[1]) <= ckpt.load(out / "checkpoints" / "last.pt")[ckpt.STEP], a.tail()
         alone, _ = a.wait_for(r"training: step \d+ done in a world of 1 on 1 node \(restart 1\)", since=fault,
                               timeout=120)
         report("(a) every process of host B SIGKILLed -> A trains again, alone", alone - fault)
@@ -350,7 +352,7 @@ def test_a_host_cut_off_is_found_within_the_timeout_and_ends_its_own_processes(n
         net.cut(net.b)
         b_gone = when_gone(net.b, b, since=cut)
         _, resumed = a.wait_for(r"resuming from .* step (\d+)", since=cut, timeout=DIST_TIMEOUT_S + 120)
-        assert int(resumed[1]) == step, a.tail()
+        assert step <= int(resumed[1]) <= ckpt.load(out / "checkpoints" / "last.pt")[ckpt.STEP], a.tail()
         alone, _ = a.wait_for(r"training: step \d+ done in a world of 1 on 1 node", since=cut,
                               timeout=DIST_TIMEOUT_S + 120)
         report(f"(b) host B's link cut -> A trains again, alone (train.dist_timeout_s={DIST_TIMEOUT_S})",
