@@ -254,6 +254,15 @@ def when_gone(host: Host, node: Node, since: float) -> dict[str, float]:
     return found
 
 
+def assert_lands_on_one_process(out: Path, reference: dict, what: str) -> None:
+    """The job's final weights are one uninterrupted process's (fp64, REL_TOL); the difference is printed."""
+    final = last_checkpoint(out)
+    assert final[ckpt.STEP] == STEPS
+    diff = max_rel_diff(final[ckpt.MODEL], reference)
+    print(f"\n{what} vs one process, fp64: max relative parameter difference {diff[0]:.2e} ({diff[1]})")
+    assert diff[0] <= REL_TOL, diff
+
+
 def compressed(values: list[float]) -> list[float]:
     """The values with each run of equal neighbours kept once: [2, 2, 1, 2, 2] -> [2, 1, 2]."""
     return [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]]
@@ -304,12 +313,7 @@ def test_a_host_killed_and_started_again_shrinks_and_grows_the_job_onto_the_same
     finally:
         net.stop_all()
 
-    final = last_checkpoint(out)
-    assert final[ckpt.STEP] == STEPS
-    diff = max_rel_diff(final[ckpt.MODEL], reference)
-    print(f"\nshrink 2 -> 1 and grow 1 -> 2 vs one process, fp64: max relative parameter difference "
-          f"{diff[0]:.2e} ({diff[1]})")
-    assert diff[0] <= REL_TOL, diff
+    assert_lands_on_one_process(out, reference, "shrink 2 -> 1 and grow 1 -> 2")
 
     if not HAS_MLFLOW:
         pytest.skip("MLflow is not installed: the run's world-size metric is not checked")
@@ -373,9 +377,4 @@ def test_a_host_cut_off_is_found_within_the_timeout_and_ends_its_own_processes(n
         net.stop_all()
         net.cut(net.b, up=True)
 
-    final = last_checkpoint(out)
-    assert final[ckpt.STEP] == STEPS
-    diff = max_rel_diff(final[ckpt.MODEL], reference)
-    print(f"\nshrink 2 -> 1 (link cut) vs one process, fp64: max relative parameter difference {diff[0]:.2e} "
-          f"({diff[1]})")
-    assert diff[0] <= REL_TOL, diff
+    assert_lands_on_one_process(out, reference, "shrink 2 -> 1 (link cut)")

@@ -164,3 +164,13 @@ def test_split_val_without_held_out_images_is_refused(trained, tmp_path, monkeyp
     assert main([str(checkpoint), "--split", "val", "tracking.enabled=false"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--split val" in line and "data.val_size=0" in line
+
+
+@pytest.mark.parametrize("flag", ["--json", "--predictions"])
+def test_an_output_path_in_a_missing_folder_is_one_line_and_exit_2(trained, tmp_path, monkeypatch, capsys, flag):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = trained["root"] / "run" / "checkpoints" / "last.pt"
+    assert main([str(checkpoint), flag, str(tmp_path / "nowhere" / "out"), "tracking.enabled=false"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("nin-eval: error: ") and flag in line, line
+    assert not (tmp_path / "nowhere").exists()
