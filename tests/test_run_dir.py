@@ -85,14 +85,14 @@ def test_a_restarted_rank_0_waits_for_the_same_jobs_old_one_and_no_other(tmp_pat
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")  # another job: refused at once
         started = time.monotonic()
         with pytest.raises(RunDirError, match=f"pid {old.pid} "):
-            RunDir(folder).open(wait_s=20)
-        assert time.monotonic() - started < 5
+            RunDir(folder).open(wait_s=120)
+        assert time.monotonic() - started < 60  # not the 120 s wait; loose, for a loaded machine
 
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")  # the same job: waits, bounded
         started = time.monotonic()
         with pytest.raises(RunDirError, match=f"pid {old.pid} "):
             RunDir(folder).open(wait_s=1.0)
-        assert 1.0 <= time.monotonic() - started < 5
+        assert 1.0 <= time.monotonic() - started < 60  # waited, and gave up (loose: a loaded machine)
         old.stdin.close()  # the old rank 0 ends while the new one waits
         run_dir = RunDir(folder)
         run_dir.open(wait_s=20)
