@@ -25,8 +25,6 @@ NAMES = [idx.name + ".gz" for idx in FILES.values()]
 TINY = {"data__train_limit": 32, "data__test_limit": 32, "train__batch_size": 16, "train__epochs": 1,
         "train__max_steps": 2, "train__precision": "fp32"}
 
-pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
-
 
 class Mirror:
     """An HTTP server on 127.0.0.1 serving `files` (name -> bytes), counting the requests per name."""

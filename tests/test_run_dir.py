@@ -24,8 +24,6 @@ from nin_dist.distributed import DistInfo
 from nin_dist.errors import RunDirError
 from nin_dist.run_dir import LOCK_FILE, RunDir, default_name, open_run_dir
 
-pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
-
 WORLD_OF_ONE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"),
                         backend=None)
 TINY = {"data__train_limit": 128, "data__test_limit": 200, "train__batch_size": 16, "train__epochs": 1,
