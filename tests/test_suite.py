@@ -1,4 +1,5 @@
-"""The suite's own machinery: how its workers share it (tests/scheduling.py)."""
+"""The suite's own machinery: where it finds the data (tests/helpers.py) and how its workers share it
+(tests/scheduling.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,44 @@ import sys
 
 import pytest
 import scheduling
-from helpers import REPO
+from helpers import REPO, finish, start
+
+from nin_dist.data import FILES, locate
+
+# What a clone holds that a data test needs; tests/ itself comes whole.
+CLONED = ("nin_dist", "kernels", "configs", "tests", "pyproject.toml")
+
+# Written into the clone: the suite there must read the clone's own ./data.
+WHERE = '''
+from pathlib import Path
+
+
+def test_the_data_is_the_clones_own(data_root):
+    assert data_root == (Path.cwd() / "data").resolve()
+'''
+
+
+def test_a_fresh_clone_finds_the_data_where_nin_train_does(tmp_path, data_root):
+    """As a new user has it: a clone with no ../shared beside it, no $NIN_DATA_DIR, and the four files
+    directly in its ./data (the layout Debian's package and the upstream repository use). `pytest` there
+    finds them as `nin-train` does and runs a real data test."""
+    clone = tmp_path / "clone"  # tmp_path holds no `shared`
+    for name in CLONED:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, clone / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO / name, clone / name)
+    (clone / "data").mkdir()
+    for idx in FILES.values():
+        src = locate(data_root, idx)
+        (clone / "data" / src.name).symlink_to(src)
+    (clone / "tests" / "test_where.py").write_text(WHERE)
+    env = {k: v for k, v in os.environ.items() if k != "NIN_DATA_DIR" and not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = str(clone)  # this clone's nin_dist, not the installed one
+    proc = start([sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", "-q", "tests/test_where.py",
+                  "tests/test_data.py::test_reading_writes_nothing_into_the_root"], cwd=clone, env=env)
+    rc, out = finish(proc, timeout=300)
+    assert rc == 0 and "2 passed" in out, out[-3000:]
 
 
 @pytest.mark.parametrize("dist", ["load", "loadfile", "worksteal", "each"])
