@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 SPREAD_OVER_WORKERS = {
@@ -23,10 +25,13 @@ SHARED_BY_MODULES = {  # module -> the group it runs in
 }
 
 
-def unknown_modules(repo: Path = REPO) -> list[str]:
-    """The modules named above that are not in `repo`: a renamed module would silently fall back to
-    the default (one worker, no group), so the suite refuses to start instead (tests/conftest.py)."""
-    return sorted(module for module in {*SPREAD_OVER_WORKERS, *SHARED_BY_MODULES} if not (repo / module).is_file())
+def check_modules(repo: Path = REPO) -> None:
+    """Raise pytest's usage error (one line, exit code 4) if a module named above is not in `repo`: a
+    renamed module would silently fall back to the default (one worker, no group), so the suite refuses
+    to start instead (tests/conftest.py calls this when pytest configures, before collecting)."""
+    if unknown := sorted(module for module in {*SPREAD_OVER_WORKERS, *SHARED_BY_MODULES}
+                         if not (repo / module).is_file()):
+        raise pytest.UsageError(f"tests/scheduling.py names test modules that do not exist: {', '.join(unknown)}")
 
 
 def _module(nodeid: str) -> str:

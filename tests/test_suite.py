@@ -1,5 +1,5 @@
-"""The suite's own machinery: where it finds the data (tests/helpers.py) and how its workers share it
-(tests/scheduling.py)."""
+"""The suite's own machinery: where it finds the data (tests/helpers.py), what it may leave in the checkout
+(tests/checkout.py) and how its workers share it (tests/scheduling.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import checkout
 import pytest
 import scheduling
 from helpers import REPO, finish, start
@@ -65,22 +66,10 @@ def test_loadscope_the_suites_own_dist_runs_by_the_suites_scopes():
     assert scheduler._split_scope("tests/tracking/test_sweep.py::test_a") == "sweep"  # shared with another module
 
 
-def test_the_modules_the_scheduling_names_exist(tmp_path):
-    assert scheduling.unknown_modules() == []
-    everything = sorted({*scheduling.SPREAD_OVER_WORKERS, *scheduling.SHARED_BY_MODULES})
-    assert scheduling.unknown_modules(tmp_path) == everything  # what a checkout without them reports
-
-
-def test_a_renamed_module_stops_the_suite_before_it_runs(tmp_path):
-    """The check runs when pytest configures, before any test: one line, pytest's usage-error exit."""
-    tests = tmp_path / "tests"
-    shutil.copytree(REPO / "tests", tests, ignore=shutil.ignore_patterns("__pycache__"))
-    (tests / "test_config.py").rename(tests / "test_configuration.py")
-    (tmp_path / "pyproject.toml").write_text("[tool.pytest.ini_options]\ntestpaths = ['tests']\n")
-    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--co", "-q"], cwd=tmp_path,
-                         env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
-    assert out.returncode == pytest.ExitCode.USAGE_ERROR, out.stdout + out.stderr
-    assert "tests/scheduling.py names test modules that do not exist: tests/test_config.py" in out.stderr
+def test_the_modules_the_scheduling_names_exist_or_the_suite_does_not_start(tmp_path):
+    scheduling.check_modules()  # this checkout: all there
+    with pytest.raises(pytest.UsageError, match="names test modules that do not exist: tests/bench/test_bench_cli"):
+        scheduling.check_modules(tmp_path)  # a checkout without them, as after a rename
 
 
 def _config(dist: str) -> pytest.Config:
@@ -88,3 +77,16 @@ def _config(dist: str) -> pytest.Config:
     config = pytest.Config(pytest.PytestPluginManager())
     config.option.dist, config.option.tx, config.option.numprocesses = dist, ["popen"] * 3, 3
     return config
+
+
+def test_the_checkout_check_lets_a_data_download_land_and_lists_anything_else(tmp_path):
+    """The suite downloads the data into the checkout's ./data when it finds no copy (as `make train`
+    does): those files are the user's, not left behind by a test; a stray file beside them is."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True, timeout=60)
+    (tmp_path / ".gitignore").write_text("/data/\n")
+    before = checkout.new_files(tmp_path)
+    (tmp_path / "data" / "FashionMNIST" / "raw").mkdir(parents=True)
+    for idx in FILES.values():
+        (tmp_path / "data" / "FashionMNIST" / "raw" / (idx.name + ".gz")).write_bytes(b"downloaded")
+    (tmp_path / "data" / "notes.txt").write_text("a test's")
+    assert sorted(set(checkout.new_files(tmp_path)) - set(before)) == ["data/notes.txt"]
