@@ -14,6 +14,7 @@ import scheduling
 from helpers import REPO, finish, start
 
 from nin_dist.data import FILES, locate
+from nin_dist.download import raw_folder
 
 # What a clone holds that a data test needs; tests/ itself comes whole.
 CLONED = ("nin_dist", "kernels", "configs", "tests", "pyproject.toml")
@@ -85,8 +86,9 @@ def test_the_checkout_check_lets_a_data_download_land_and_lists_anything_else(tm
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True, timeout=60)
     (tmp_path / ".gitignore").write_text("/data/\n")
     before = checkout.new_files(tmp_path)
-    (tmp_path / "data" / "FashionMNIST" / "raw").mkdir(parents=True)
+    raw = raw_folder(tmp_path / "data")  # where nin_dist.download puts the files
+    raw.mkdir(parents=True)
     for idx in FILES.values():
-        (tmp_path / "data" / "FashionMNIST" / "raw" / (idx.name + ".gz")).write_bytes(b"downloaded")
+        (raw / (idx.name + ".gz")).write_bytes(b"downloaded")
     (tmp_path / "data" / "notes.txt").write_text("a test's")
     assert sorted(set(checkout.new_files(tmp_path)) - set(before)) == ["data/notes.txt"]
