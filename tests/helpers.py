@@ -46,7 +46,7 @@ def data_dir() -> Path:
         try:
             _DATA.append((REPO / find_root(DataConfig())).resolve())
         except DataError as err:
-            _DATA.append(f"the tests need the real Fashion-MNIST: {err}")
+            _DATA.append(f"the tests need the real Fashion-MNIST (NIN_DATA_DIR=DIR names a copy): {err}")
         finally:
             os.chdir(here)
     if isinstance(_DATA[0], str):
