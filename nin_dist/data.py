@@ -67,7 +67,8 @@ FILES = {
 
 # --------------------------------------------------------------------------- finding the files
 
-def _locate(root: Path, idx: IdxFile) -> Path | None:
+def locate(root: Path, idx: IdxFile) -> Path | None:
+    """Where `root` holds `idx`: under FashionMNIST/raw or directly, compressed or not; None if nowhere."""
     for folder in (root / "FashionMNIST" / "raw", root):
         for name in (idx.name + ".gz", idx.name):
             if (folder / name).is_file():
@@ -76,11 +77,11 @@ def _locate(root: Path, idx: IdxFile) -> Path | None:
 
 
 def _holds_dataset(root: Path) -> bool:
-    return all(_locate(root, idx) is not None for idx in FILES.values())
+    return all(locate(root, idx) is not None for idx in FILES.values())
 
 
 def _missing(root: Path) -> list[IdxFile]:
-    return [idx for idx in FILES.values() if _locate(root, idx) is None]
+    return [idx for idx in FILES.values() if locate(root, idx) is None]
 
 
 def find_root(cfg: DataConfig) -> Path:
@@ -191,7 +192,7 @@ def load_split(root: Path, split: str, limit: int | None = None) -> Split:
     tensors = []
     for kind in ("images", "labels"):
         idx = FILES[(split, kind)]
-        path = _locate(root, idx)
+        path = locate(root, idx)
         if path is None:
             raise DataError(f"{root}: {idx.name}(.gz) not found")
         data = read_idx(path, idx)
@@ -211,7 +212,7 @@ def write_torchvision_copy(root: Path, folder: Path) -> None:
     raw = folder / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for idx in FILES.values():
-        (raw / idx.name).write_bytes(read_idx(_locate(root, idx), idx))
+        (raw / idx.name).write_bytes(read_idx(locate(root, idx), idx))
 
 
 def load_datasets(cfg: DataConfig) -> tuple[Split, Split]:

@@ -9,6 +9,7 @@ takes its workers with it.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import signal
 import socket
@@ -22,18 +23,42 @@ import pytest
 import torch
 
 from nin_dist import checkpoint
+from nin_dist.config import DataConfig
+from nin_dist.data import find_root, locate, read_idx
+from nin_dist.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_CONFIG = REPO / "configs" / "cpu.yaml"
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
+_DATA: list[Path | str] = []  # the root, or why there is none: found once per process
 
 
 def data_dir() -> Path:
-    """Where the real data is: $NIN_DATA_DIR, else ../shared/data/fashion-mnist next to the checkout."""
-    root = Path(os.environ.get("NIN_DATA_DIR") or DEFAULT_DATA)
-    if not (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"real Fashion-MNIST not found at {root}: set NIN_DATA_DIR")
-    return root
+    """The real Fashion-MNIST, found as `nin-train` finds it (nin_dist.data.find_root): $NIN_DATA_DIR,
+    the checkout's ./data, Debian's /usr/share/datasets/fashion-mnist, in torchvision's layout or the
+    four files directly; with none of them, downloaded into ./data as a first `make train` does.
+
+    Found once per process: a test that moves the search (its own $NIN_DATA_DIR, working folder or
+    system location) does not move the suite's data, and with no data and no network the download is
+    tried once, not by every test."""
+    if not _DATA:
+        here = Path.cwd()
+        os.chdir(REPO)  # ./data is the checkout's, where `make train` puts it, wherever pytest started
+        try:
+            _DATA.append((REPO / find_root(DataConfig())).resolve())
+        except DataError as err:
+            _DATA.append(f"the tests need the real Fashion-MNIST (NIN_DATA_DIR=DIR names a copy): {err}")
+        finally:
+            os.chdir(here)
+    if isinstance(_DATA[0], str):
+        pytest.fail(_DATA[0], pytrace=False)
+    return _DATA[0]
+
+
+def real_gz(idx) -> bytes:
+    """The gzip bytes of one real file (a nin_dist.data.FILES entry), whether the root holds it
+    compressed or not."""
+    path = locate(data_dir(), idx)
+    return path.read_bytes() if path.suffix == ".gz" else gzip.compress(read_idx(path, idx))
 
 
 def env(**extra: str) -> dict[str, str]:

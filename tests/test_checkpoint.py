@@ -23,8 +23,6 @@ WORLD_OF_ONE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, 
                         backend=None)
 # 128 training images in global batches of 16, 8 steps per epoch.
 TINY = {"data__train_limit": 128, "data__test_limit": 200, "train__batch_size": 16, "train__epochs": 2}
-pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
-
 # A child that writes a 256 MiB checkpoint through atomic_save; the test kills it mid-write.
 WRITER = """
 import sys

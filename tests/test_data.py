@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import real_gz
 
 from nin_dist import data as data_module
 from nin_dist.config import DataConfig
@@ -16,6 +17,8 @@ from nin_dist.data import (
     hold_out,
     load_datasets,
     load_split,
+    locate,
+    read_idx,
     shard_range,
     to_inputs,
     validation_indices,
@@ -48,11 +51,12 @@ def test_reading_writes_nothing_into_the_root(data_root):
 
 
 def _root_with(tmp_path, data_root, name, payload: bytes | None = None, raw: bytes | None = None) -> Path:
-    """A root in torchvision's layout: links to the real files, one file replaced."""
+    """A root in torchvision's layout: links to the real files (in whichever layout and form the suite's
+    root holds them), one file replaced by a .gz."""
     folder = tmp_path / "root" / "FashionMNIST" / "raw"
     folder.mkdir(parents=True)
     for idx in FILES.values():
-        src = data_root / "FashionMNIST" / "raw" / (idx.name + ".gz")
+        src = locate(data_root, idx)
         if idx.name != name:
             (folder / src.name).symlink_to(src)
     target = folder / (name + ".gz")
@@ -60,8 +64,12 @@ def _root_with(tmp_path, data_root, name, payload: bytes | None = None, raw: byt
     return tmp_path / "root"
 
 
+def _idx(name: str):
+    return next(idx for idx in FILES.values() if idx.name == name)
+
+
 def _real(data_root, name) -> bytes:
-    return gzip.decompress((data_root / "FashionMNIST" / "raw" / (name + ".gz")).read_bytes())
+    return read_idx(locate(data_root, _idx(name)), _idx(name))
 
 
 def _run(root, capsys):
@@ -80,7 +88,7 @@ def _error_line(stderr: str) -> str:
 
 def test_truncated_gz_is_one_clear_line(tmp_path, data_root, capsys):
     name = "train-labels-idx1-ubyte"
-    gz = (data_root / "FashionMNIST" / "raw" / (name + ".gz")).read_bytes()
+    gz = real_gz(_idx(name))
     code, err = _run(_root_with(tmp_path, data_root, name, raw=gz[: len(gz) // 2]), capsys)
     assert code == 2
     assert name + ".gz" in err and "truncated or corrupt gzip" in err
@@ -129,7 +137,8 @@ def test_search_order_and_flat_layout(tmp_path, data_root, monkeypatch):
     flat = tmp_path / "flat"
     flat.mkdir()
     for idx in FILES.values():  # the four files directly in the root, as Debian ships them
-        (flat / (idx.name + ".gz")).symlink_to(data_root / "FashionMNIST" / "raw" / (idx.name + ".gz"))
+        src = locate(data_root, idx)
+        (flat / src.name).symlink_to(src)
     monkeypatch.setenv("NIN_DATA_DIR", str(data_root))
     assert find_root(DataConfig(root=str(flat))) == flat  # data.root first
     assert find_root(DataConfig()) == data_root  # then $NIN_DATA_DIR

@@ -42,8 +42,6 @@ from helpers import (
 from nin_dist import checkpoint as ckpt
 from nin_dist.data import eval_batches, load_split, shard_range
 
-pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
-
 STEPS_PER_EPOCH = 30
 # cpu.yaml (BatchNorm, Nesterov, one-cycle) at half its widths with dropout on, in fp64 on 480 images,
 # global batch 16: 60 steps are plenty, since one rounding difference of ~1e-7 grows to O(1) within

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import data_dir, env, free_port, overrides, run, torchrun_cmd
+from helpers import env, free_port, overrides, real_gz, run, torchrun_cmd
 
 from nin_dist import data as data_module
 from nin_dist import download as download_module
@@ -24,8 +24,6 @@ from nin_dist.train import main
 NAMES = [idx.name + ".gz" for idx in FILES.values()]
 TINY = {"data__train_limit": 32, "data__test_limit": 32, "train__batch_size": 16, "train__epochs": 1,
         "train__max_steps": 2, "train__precision": "fp32"}
-
-pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 
 
 class Mirror:
@@ -68,8 +66,7 @@ class Mirror:
 
 @pytest.fixture(scope="module")
 def real_files() -> dict[str, bytes]:
-    raw = data_dir() / "FashionMNIST" / "raw"
-    return {name: (raw / name).read_bytes() for name in NAMES}
+    return {idx.name + ".gz": real_gz(idx) for idx in FILES.values()}
 
 
 @pytest.fixture

@@ -185,9 +185,12 @@ def test_multinode_ends_torchrun_and_its_workers_when_the_rendezvous_stops_answe
         rendezvous.settimeout(30)
         rendezvous.accept()[0].close()  # the first probe: the rendezvous has answered
     started = time.monotonic()
-    rc, text = finish(node, timeout=60)
+    rc, text = finish(node, timeout=180)
     assert rc == 1 and f"the rendezvous 127.0.0.1:{port} was unreachable for" in text, text
-    assert time.monotonic() - started < 10, text  # CUT_OFF_S=1 and a probe every 2 s
+    # CUT_OFF_S=1 and a probe every 2 s: a few seconds. The bound is loose so that a loaded machine
+    # (three test workers on two cores) cannot break it, and still under the default CUT_OFF_S (120)
+    # that a script ignoring the setting would wait.
+    assert time.monotonic() - started < 90, text
     worker = Path("/proc", re.search(r"worker (\d+)", text)[1], "stat")
 
     def alive() -> bool:  # a SIGKILL lands when the process next runs; a zombie is gone already
@@ -195,7 +198,7 @@ def test_multinode_ends_torchrun_and_its_workers_when_the_rendezvous_stops_answe
             return worker.read_text().rsplit(")", 1)[1].split()[0] != "Z"
         return False
 
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # a wait, not a bound: it ends as soon as the worker is gone
     while alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive(), text

@@ -12,8 +12,6 @@ from helpers import overrides, train_in_process
 
 from nin_dist.precision import cpu_flags, native_bf16, resolve
 
-pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
-
 ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f avx512_bf16 vaes\n"
 ZEN2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 fma vaes\n"
 NEOVERSE_V1 = "processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd sve bf16 i8mm\n"

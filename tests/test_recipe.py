@@ -35,8 +35,6 @@ from nin_dist.evaluate import evaluate
 from nin_dist.model import NiN
 from nin_dist.scoring import Scorer
 
-pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
-
 STEPS_PER_EPOCH = 12
 VAL = 48
 # 192 images trained on in global batches of 16, 48 held out, every part of the recipe on.

@@ -24,8 +24,6 @@ from nin_dist.distributed import DistInfo
 from nin_dist.errors import RunDirError
 from nin_dist.run_dir import LOCK_FILE, RunDir, default_name, open_run_dir
 
-pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
-
 WORLD_OF_ONE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"),
                         backend=None)
 TINY = {"data__train_limit": 128, "data__test_limit": 200, "train__batch_size": 16, "train__epochs": 1,
@@ -85,14 +83,14 @@ def test_a_restarted_rank_0_waits_for_the_same_jobs_old_one_and_no_other(tmp_pat
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")  # another job: refused at once
         started = time.monotonic()
         with pytest.raises(RunDirError, match=f"pid {old.pid} "):
-            RunDir(folder).open(wait_s=20)
-        assert time.monotonic() - started < 5
+            RunDir(folder).open(wait_s=120)
+        assert time.monotonic() - started < 60  # not the 120 s wait; loose, for a loaded machine
 
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")  # the same job: waits, bounded
         started = time.monotonic()
         with pytest.raises(RunDirError, match=f"pid {old.pid} "):
             RunDir(folder).open(wait_s=1.0)
-        assert 1.0 <= time.monotonic() - started < 5
+        assert 1.0 <= time.monotonic() - started < 60  # waited, and gave up (loose: a loaded machine)
         old.stdin.close()  # the old rank 0 ends while the new one waits
         run_dir = RunDir(folder)
         run_dir.open(wait_s=20)

@@ -33,8 +33,6 @@ from nin_dist.model import NiN
 TINY = {"data__train_limit": 128, "data__test_limit": 200, "train__batch_size": 16, "train__epochs": 2}
 STEPS_PER_EPOCH = 8
 
-# main() is wrapped in torchrun's @record, whose fault handler wants a real stderr (pytest captures it).
-pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -86,7 +86,7 @@ def test_close_returns_while_the_server_hangs(tmp_path, server):
         tracker.log_metrics(step_metrics(2), 2)
         started = time.monotonic()
         tracker.close("FAILED")
-        assert time.monotonic() - started < 4 * 2.0 + 3
+        assert time.monotonic() - started < 60  # ~4 s; loose for a loaded machine, under MLflow's retries
         assert Spool(tmp_path).pending() >= 1
     finally:
         server.thaw()
@@ -128,7 +128,7 @@ def test_server_lost_mid_run_then_synced(tmp_path, server, splits):
     server.freeze()
     started = time.monotonic()
     log(range(4, 7))  # never raises, never waits on the network
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 2.0  # a call that waited would take a request timeout (2 s) at least
     wait_for(lambda: Spool(run_dir).pending() >= 3, "records kept while the server hangs")
 
     server.thaw()  # it also finishes the request the tracker gave up on: a duplicate MLflow ignores

@@ -54,7 +54,7 @@ def test_unreachable_server_at_start(tmp_path):
     message = str(err.value)
     assert f"http://me:***@127.0.0.1:{uri.rsplit(':', 1)[1]}" in message and "unreachable" in message
     assert "pw-not-shown" not in message and "\n" not in message
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 60  # refused at once; MLflow's own retries would take minutes
     assert TIMEOUT not in os.environ and RETRIES not in os.environ
 
 
