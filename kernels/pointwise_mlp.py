@@ -69,6 +69,10 @@ No float atomics anywhere: every sum runs in an order fixed by the shapes and th
 two backward passes give bitwise-identical dW and db. Products accumulate in fp32 (fp64 for fp64
 inputs), ReLUs act on the fp32 accumulator, and results are cast on the store.
 
+NaN goes where ``nn.ReLU`` sends it: every ReLU keeps a NaN input (``tl.maximum``'s default would
+turn it into 0, hiding a diverged run), and every backward mask is ``[out <= 0]`` zeroed rather than
+``[out > 0]`` kept, so a NaN output passes its gradient on, as PyTorch's ReLU backward does.
+
 ``relu_input`` reaches the kernels as a float, ``input_floor``: ``a = max(x, floor)`` is relu(x)
 for 0.0 and x itself for -inf. Triton never specializes float arguments, so one compiled kernel
 serves both settings (and ``kernels.aot`` checks exactly the kernels that run).
@@ -160,6 +164,19 @@ ALWAYS_DIVISIBLE = ("C_PAD",)  # a multiple of 16 by construction, in every laun
 
 
 @triton.jit
+def _relu(z):
+    """max(z, 0) keeping NaN (and -0.0) as torch.relu does; tl.maximum's default turns NaN into 0."""
+    return tl.where(z < 0, 0.0, z)
+
+
+@triton.jit
+def _relu_grad(g, out, floor):
+    """g through a ReLU whose output (or input) is `out`: zero only where out <= floor, so a NaN
+    passes g on, as PyTorch's threshold_backward does (a `out > floor` test would drop it)."""
+    return tl.where(out <= floor, 0.0, g)
+
+
+@triton.jit
 def _first_gemm(x_tile, stride_xc, stride_xp, offs_m, mask_p, w1_ptr, hid, mask_hid, C, C_PAD, input_floor,
                 INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
                 BLOCK_K: tl.constexpr):
@@ -231,7 +248,7 @@ def _fwd_kernel(
                             input_floor, INPUT_PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)
         # --- h_j = relu(z1_j + b1[j]) in fp32, rounded to the input dtype like a conv output
         b1 = tl.load(b1_ptr + hid, mask=mask_hid, other=0.0).to(ACC)
-        h = tl.maximum(acc_h + b1[None, :], 0.0).to(x_ptr.dtype.element_ty)
+        h = _relu(acc_h + b1[None, :]).to(x_ptr.dtype.element_ty)
         # --- second GEMM, accumulated over hidden chunks: z2 += h_j·W2[:, j]ᵀ
         w2t = tl.load(w2_ptr + offs_c[None, :] * C_PAD + hid[:, None],
                       mask=mask_hid[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_H, BLOCK_C]
@@ -239,7 +256,7 @@ def _fwd_kernel(
 
     # --- epilogue: bias and ReLU in fp32, cast on the masked store
     b2 = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-    y = tl.maximum(acc_y + b2[None, :], 0.0)
+    y = _relu(acc_y + b2[None, :])
     tl.store(y_tile + offs_m[:, None] * stride_yp + offs_c[None, :] * stride_yc,
              y.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
 
@@ -292,7 +309,7 @@ def _bwd_hidden_kernel(
     acc_h = _first_gemm(x_tile, stride_xc, stride_xp, offs_m, mask_p, w1_ptr, hid, mask_hid, C, C_PAD,
                         input_floor, INPUT_PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)
     b1 = tl.load(b1_ptr + hid, mask=mask_hid, other=0.0).to(ACC)
-    h = tl.maximum(acc_h + b1[None, :], 0.0)
+    h = _relu(acc_h + b1[None, :])
 
     # --- dh_j = dz2·W2[:, j], with dz2 = dy ⊙ [y > 0] formed a step of output channels at a time
     acc_dh = tl.zeros([BLOCK_M, BLOCK_H], dtype=ACC)
@@ -303,13 +320,13 @@ def _bwd_hidden_kernel(
         mask_po = mask_p[:, None] & mask_o[None, :]
         dy = tl.load(dy_tile + yo, mask=mask_po, other=0.0)
         y = tl.load(y_tile + yo, mask=mask_po, other=0.0)
-        dz2 = tl.where(y > 0, dy, 0.0)
+        dz2 = _relu_grad(dy, y, 0.0)
         w2 = tl.load(w2_ptr + oo[:, None] * C_PAD + hid[None, :],
                      mask=mask_o[:, None] & mask_hid[None, :], other=0.0)  # [BLOCK_K, BLOCK_H]
         acc_dh = tl.dot(dz2, w2, acc_dh, input_precision=INPUT_PRECISION)
 
     # --- dz1_j = dh_j ⊙ [h_j > 0]; write h, dz1 and this chunk's columns of dz2 for the dW pass
-    dz1 = tl.where(h > 0, acc_dh, 0.0)
+    dz1 = _relu_grad(acc_dh, h, 0.0)
     mask_ph = mask_p[:, None] & mask_hid[None, :]
     buf = row0 + offs_m[:, None] * C_PAD + hid[None, :]
     tl.store(h_ptr + buf, h.to(h_ptr.dtype.element_ty), mask=mask_ph)
@@ -318,7 +335,7 @@ def _bwd_hidden_kernel(
     yh = offs_m[:, None] * stride_yp + hid[None, :] * stride_yc
     dy = tl.load(dy_tile + yh, mask=mask_ph, other=0.0)
     y = tl.load(y_tile + yh, mask=mask_ph, other=0.0)
-    tl.store(dz2_ptr + buf, tl.where(y > 0, dy, 0.0), mask=mask_ph)
+    tl.store(dz2_ptr + buf, _relu_grad(dy, y, 0.0), mask=mask_ph)
 
 
 @triton.jit
@@ -373,7 +390,7 @@ def _bwd_dx_kernel(
     x_tile = x_ptr + n * stride_xn + p0 * stride_xp
     x = tl.load(x_tile + offs_m[:, None] * stride_xp + offs_i[None, :] * stride_xc,
                 mask=mask_pi, other=0.0)
-    acc = tl.where(x > input_floor, acc, 0.0)
+    acc = _relu_grad(acc, x, input_floor)
     dx_tile = dx_ptr + n * stride_dxn + p0 * stride_dxp
     tl.store(dx_tile + offs_m[:, None] * stride_dxp + offs_i[None, :] * stride_dxc,
              acc.to(dx_ptr.dtype.element_ty), mask=mask_pi)

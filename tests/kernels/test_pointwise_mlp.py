@@ -215,6 +215,20 @@ def test_16bit(C, N, H, W, dtype, atol, rtol):
     assert_matches(fused(x, params, dy), reference(x, params, dy), atol, rtol)
 
 
+@pytest.mark.parametrize("relu_input", [True, False])
+def test_nan_propagates_as_nn_relu(relu_input):
+    """A NaN in x reaches y and the gradients exactly where nn.ReLU sends it: y is NaN at its pixel
+    (all channels), dW1's column and all of dW2 turn NaN, and dx stays finite, since a ReLU's backward
+    passes the gradient of a NaN output on. tl.maximum's default would have made that pixel's y finite."""
+    x, params, dy = make_inputs(1, 16, 2, 3)
+    x[0, 5, 1, 2] = float("nan")
+    ours, ref = fused(x, params, dy, relu_input), reference(x, params, dy, relu_input)
+    assert ours[0][0, :, 1, 2].isnan().all() and ours[0].isnan().sum() == 16
+    for name, g, g_ref in zip(("y", *GRAD_NAMES), (ours[0], *ours[1]), (ref[0], *ref[1]), strict=True):
+        torch.testing.assert_close(g, g_ref.to(g.dtype), atol=1e-5, rtol=1e-5, equal_nan=True,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_gradcheck_float64():
     """Finite differences through the op (fp64 runs the same kernels, accumulating in fp64)."""
     x, params, _ = make_inputs(1, 5, 2, 3, torch.float64)
