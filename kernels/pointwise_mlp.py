@@ -53,12 +53,17 @@ multiplied into the ``y`` accumulator by ``W2[:, j]ᵀ``. ``h`` never leaves the
 
 Backward, five launches, none holding a full-width tile:
 
-1. ``_bwd_hidden_kernel``, grid (pixel tiles, images, hidden chunks): recomputes ``h_j``, forms
+1. ``_bwd_hidden_kernel``, one program per (pixel tile, hidden chunk): recomputes ``h_j``, forms
    ``dz2 = dy ⊙ [y > 0]`` in steps of output channels, accumulates ``dh_j = dz2·W2[:, j]``, masks
    it into ``dz1_j``, and writes ``h``, ``dz1`` and ``dz2`` as [M, C_PAD] row-major buffers in the
    input dtype (the rounding PyTorch's own backward gives these gradients).
-2. ``_bwd_dx_kernel``, grid (pixel tiles, images, input-channel tiles): ``dx = (dz1·W1) ⊙ [x > 0]``,
+2. ``_bwd_dx_kernel``, one program per (pixel tile, input-channel tile): ``dx = (dz1·W1) ⊙ [x > 0]``,
    a GEMM over hidden chunks, written in ``x``'s layout.
+
+Both run a 1-D grid whose fastest index is the channel chunk: the programs that share a pixel tile
+run side by side, so x, y and dy (dz1 for dx) come from HBM once per tile and from L2 for the
+other chunks. With the chunk slowest, every tile of chunk 0 ran before chunk 1 began, and at NiN's
+sizes (100-200 MB of activations against a 50 MB L2) each chunk read them from HBM again.
 3. ``_bwd_dw_kernel``, once for (dz2, h) -> (dW2, db2) and once for (dz1, a) -> (dW1, db1), grid
    (weight tiles [BLOCK_O, BLOCK_I], SPLIT): split s owns a fixed contiguous range of pixel tiles
    and writes fp32 partial sums of Gᵀ·P, and of G's columns for the bias, to a [SPLIT, C·C + C]
@@ -138,15 +143,15 @@ class Plan:
 
 # How the JIT specializes each kernel's int arguments in the launches below (kernels.aot compiles
 # the same): an argument equal to 1 becomes a constant (the layout's unit stride: channels for
-# channels_last, pixels for NCHW), and one divisible by 16 is marked so (what an "aligned"
-# launch guarantees: C and the strides that are multiples of C).
+# channels_last, pixels for NCHW, and the grid order's STEP_C), and one divisible by 16 is marked
+# so (what an "aligned" launch guarantees: C and the strides that are multiples of C).
 UNIT_STRIDES = {
     "_fwd_kernel": {"channels_last": ("stride_xc", "stride_yc"),
                     "nchw": ("stride_xp", "stride_yp")},
-    "_bwd_hidden_kernel": {"channels_last": ("stride_xc", "stride_yc"),
-                           "nchw": ("stride_xp", "stride_yp")},
-    "_bwd_dx_kernel": {"channels_last": ("stride_xc", "stride_dxc"),
-                       "nchw": ("stride_xp", "stride_dxp")},
+    "_bwd_hidden_kernel": {"channels_last": ("stride_xc", "stride_yc", "STEP_C"),
+                           "nchw": ("stride_xp", "stride_yp", "STEP_C")},
+    "_bwd_dx_kernel": {"channels_last": ("stride_xc", "stride_dxc", "STEP_C"),
+                       "nchw": ("stride_xp", "stride_dxp", "STEP_C")},
     "_bwd_dw_kernel": {"channels_last": ("stride_pc",), "nchw": ("stride_pp",)},
 }
 ALIGNED_ARGS = {
@@ -174,6 +179,18 @@ def _relu_grad(g, out, floor):
     """g through a ReLU whose output (or input) is `out`: zero only where out <= floor, so a NaN
     passes g on, as PyTorch's threshold_backward does (a `out > floor` test would drop it)."""
     return tl.where(out <= floor, 0.0, g)
+
+
+@triton.jit
+def _tile_and_chunk(TILES_PER_IMAGE, TILES, CHUNKS, STEP_T, STEP_C):
+    """(image n, pixel tile within it, channel chunk) of this program in a 1-D grid of TILES·CHUNKS
+    programs, where the tile index advances every STEP_T programs and the chunk index every STEP_C.
+    STEP_C = 1 (the launchers' order) runs one tile's chunks side by side, so the tile's inputs are
+    read from HBM once and then from L2; STEP_T = 1 would sweep every tile before the next chunk."""
+    pid = tl.program_id(0)
+    tile = ((pid // STEP_T) % TILES).to(tl.int64)
+    n = tile // TILES_PER_IMAGE
+    return n, tile - n * TILES_PER_IMAGE, (pid // STEP_C) % CHUNKS
 
 
 @triton.jit
@@ -277,6 +294,10 @@ def _bwd_hidden_kernel(
     HW,  # pixels per image (N·H·W when the batch is read as one image)
     C,  # channels
     C_PAD,  # row stride of the weights and the [M, C_PAD] buffers: C rounded up to 16
+    TILES_PER_IMAGE,  # cdiv(HW, BLOCK_M)
+    TILES,  # all pixel tiles: images · TILES_PER_IMAGE
+    CHUNKS,  # channel chunks per tile: cdiv(C, BLOCK_H)
+    STEP_T, STEP_C,  # grid order (see _tile_and_chunk): the launchers pass STEP_C = 1, chunks fastest
     # scalars
     input_floor,  # a = max(x, input_floor): 0.0 gives relu(x), -inf gives x
     # strides, in elements
@@ -291,9 +312,7 @@ def _bwd_hidden_kernel(
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
 
     # --- program -> (BLOCK_M pixels of image n, BLOCK_H hidden channels); int64 tile bases
-    pid_p = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2)
+    n, pid_p, pid_h = _tile_and_chunk(TILES_PER_IMAGE, TILES, CHUNKS, STEP_T, STEP_C)
     p0 = pid_p * BLOCK_M
     x_tile = x_ptr + n * stride_xn + p0 * stride_xp
     y_tile = y_ptr + n * stride_yn + p0 * stride_yp
@@ -349,6 +368,10 @@ def _bwd_dx_kernel(
     HW,  # pixels per image (N·H·W when the batch is read as one image)
     C,  # channels
     C_PAD,  # row stride of the weights and the [M, C_PAD] buffer: C rounded up to 16
+    TILES_PER_IMAGE,  # cdiv(HW, BLOCK_M)
+    TILES,  # all pixel tiles: images · TILES_PER_IMAGE
+    CHUNKS,  # channel chunks per tile: cdiv(C, BLOCK_I)
+    STEP_T, STEP_C,  # grid order (see _tile_and_chunk): the launchers pass STEP_C = 1, chunks fastest
     # scalars
     input_floor,  # the forward's a = max(x, input_floor): gradient flows where x > input_floor
     # strides, in elements
@@ -363,9 +386,7 @@ def _bwd_dx_kernel(
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
 
     # --- program -> (BLOCK_M pixels of image n, BLOCK_I input channels); int64 tile bases
-    pid_p = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
-    pid_i = tl.program_id(2)
+    n, pid_p, pid_i = _tile_and_chunk(TILES_PER_IMAGE, TILES, CHUNKS, STEP_T, STEP_C)
     p0 = pid_p * BLOCK_M
     dz1_tile = dz1_ptr + (n * HW + p0) * C_PAD
     offs_m = tl.arange(0, BLOCK_M)
@@ -638,10 +659,24 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tenso
     return y
 
 
+def _chunked_grid(images: int, HW: int, C: int, block_m: int, block_c: int,
+                  chunks_fastest: bool) -> tuple[tuple[int], tuple[int, ...]]:
+    """The 1-D grid of a (pixel tile, channel chunk) kernel and its order arguments
+    (TILES_PER_IMAGE, TILES, CHUNKS, STEP_T, STEP_C); see _tile_and_chunk."""
+    tiles_per_image = triton.cdiv(HW, block_m)
+    tiles, chunks = images * tiles_per_image, triton.cdiv(C, block_c)
+    steps = (chunks, 1) if chunks_fastest else (1, tiles)
+    return (tiles * chunks,), (tiles_per_image, tiles, chunks, *steps)
+
+
 def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
              w2: torch.Tensor, y: torch.Tensor, relu_input: bool,
-             plan: Plan) -> tuple[torch.Tensor, ...]:
-    """(dx, dW1, db1, dW2, db2) from the saved x and y, recomputing h; dx in x's memory format."""
+             plan: Plan, chunks_fastest: bool = True) -> tuple[torch.Tensor, ...]:
+    """(dx, dW1, db1, dW2, db2) from the saved x and y, recomputing h; dx in x's memory format.
+
+    ``chunks_fastest=False`` launches the two chunked kernels in the order they first had (every
+    pixel tile of a chunk before the next chunk): slower on a GPU, and the test's proof that the
+    order changes no bit of the result."""
     check_inputs(x, w1, b1, w2, None)
     if dy.shape != x.shape or y.shape != x.shape or dy.dtype != x.dtype or y.dtype != x.dtype:
         raise ValueError(f"fused_pointwise_mlp backward: dy and y must match x "
@@ -671,19 +706,19 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
     dz1 = torch.empty_like(h)
     dz2 = torch.empty_like(h)
     cfg = plan.hidden.pick(lay.aligned)
-    grid = (triton.cdiv(HW, cfg["BLOCK_M"]), images, triton.cdiv(C, cfg["BLOCK_H"]))
+    grid, order = _chunked_grid(images, HW, C, cfg["BLOCK_M"], cfg["BLOCK_H"], chunks_fastest)
     _launchable(_bwd_hidden_kernel)[grid](
         x, w1m, b1, w2m, y, dy, h, dz1, dz2,
-        HW, C, C_pad, floor, *x_strides, *y_strides,
+        HW, C, C_pad, *order, floor, *x_strides, *y_strides,
         INPUT_PRECISION=prec, **cfg.launch_kwargs(),
     )
 
     # --- 2. dx = (dz1·W1) ⊙ [x > 0]
     cfg = plan.dx.pick(lay.aligned)
-    grid = (triton.cdiv(HW, cfg["BLOCK_M"]), images, triton.cdiv(C, cfg["BLOCK_I"]))
+    grid, order = _chunked_grid(images, HW, C, cfg["BLOCK_M"], cfg["BLOCK_I"], chunks_fastest)
     _launchable(_bwd_dx_kernel)[grid](
         dz1, w1m, x, dx,
-        HW, C, C_pad, floor, *x_strides, *dx_strides,
+        HW, C, C_pad, *order, floor, *x_strides, *dx_strides,
         INPUT_PRECISION=prec, **cfg.launch_kwargs(),
     )
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import kernels
-from kernels import fused_pointwise_mlp, ops, reference_pointwise_mlp
+from kernels import fused_pointwise_mlp, ops, pointwise_mlp, reference_pointwise_mlp
 
 REPO = Path(__file__).resolve().parents[2]
 CUDA = torch.cuda.is_available()
@@ -259,6 +259,22 @@ def test_backward_is_deterministic():
     second = fused(x, params, dy)[1]
     for name, a, b in zip(GRAD_NAMES, first, second, strict=True):
         assert torch.equal(a, b), f"{name} differs between two identical backward passes"
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_backward_grid_order_changes_no_bit(memory_format):
+    """The backward's chunk-fastest grid gives the very bits of the order it replaced (each pixel tile
+    of a chunk before the next chunk). 2 images of 35 pixels (NCHW: 2 tiles each, so the image index
+    is in play too; channels_last: 3 tiles over the flattened batch) and C = 100: 2 chunks of 64."""
+    x, params, dy = make_inputs(2, 100, 5, 7)
+    x, dy = x.to(memory_format=memory_format), dy.to(memory_format=memory_format)
+    w1, b1, w2, b2 = params
+    y = pointwise_mlp.forward(x, w1, b1, w2, b2, True, ops.select_plan(x))
+    plan = ops.select_plan(x)
+    new = pointwise_mlp.backward(dy, x, w1, b1, w2, y, True, plan)
+    old = pointwise_mlp.backward(dy, x, w1, b1, w2, y, True, plan, chunks_fastest=False)
+    for name, a, b in zip(GRAD_NAMES, new, old, strict=True):
+        assert torch.equal(a, b), f"{name}: the grid order changed the result"
 
 
 def test_reference_function_matches_modules():
