@@ -86,6 +86,8 @@ serves both settings (and ``kernels.aot`` checks exactly the kernels that run).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import weakref
 
 import torch
 import triton
@@ -110,10 +112,19 @@ class KernelConfig:
         return cls(tuple(sorted(meta.items())), num_warps, num_stages)
 
     def __getitem__(self, name: str) -> int:
-        return dict(self.meta)[name]
+        return self._meta_dict[name]
 
     def launch_kwargs(self) -> dict[str, int]:
-        return {**dict(self.meta), "num_warps": self.num_warps, "num_stages": self.num_stages}
+        return self._launch_kwargs
+
+    # built once per config (configs are shared, frozen plan entries), not on every launch
+    @functools.cached_property
+    def _meta_dict(self) -> dict[str, int]:
+        return dict(self.meta)
+
+    @functools.cached_property
+    def _launch_kwargs(self) -> dict[str, int]:
+        return {**self._meta_dict, "num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -521,25 +532,29 @@ def check_inputs(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
 
     ``b2`` may be None: the backward does not need it.
     """
-    tensors = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
-    tensors = {k: t for k, t in tensors.items() if t is not None}
-    described = ", ".join(f"{k}: {tuple(t.shape)} {t.dtype} on {t.device}" for k, t in tensors.items())
+    tensors = (x, w1, b1, w2) if b2 is None else (x, w1, b1, w2, b2)
+
+    def described() -> str:  # built only for an error message: a call that passes never pays for it
+        named = zip(("x", "w1", "b1", "w2", "b2"), tensors, strict=False)  # b2 may be absent
+        return ", ".join(f"{k}: {tuple(t.shape)} {t.dtype} on {t.device}" for k, t in named)
+
     if x.dim() != 4:
-        raise ValueError(f"fused_pointwise_mlp: x must be [N, C, H, W]; got {described}")
+        raise ValueError(f"fused_pointwise_mlp: x must be [N, C, H, W]; got {described()}")
     C = x.shape[1]
-    if tuple(w1.shape) != (C, C, 1, 1) or tuple(w2.shape) != (C, C, 1, 1):
+    if w1.shape != (C, C, 1, 1) or w2.shape != (C, C, 1, 1):
         raise ValueError(f"fused_pointwise_mlp: w1 and w2 must be [C, C, 1, 1] with C={C} "
-                         f"(1x1 conv weights); got {described}")
-    if any(tuple(tensors[k].shape) != (C,) for k in ("b1", "b2") if k in tensors):
-        raise ValueError(f"fused_pointwise_mlp: b1 and b2 must be [C] with C={C}; got {described}")
+                         f"(1x1 conv weights); got {described()}")
+    if b1.shape != (C,) or (b2 is not None and b2.shape != (C,)):
+        raise ValueError(f"fused_pointwise_mlp: b1 and b2 must be [C] with C={C}; got {described()}")
     if not 1 <= C <= MAX_CHANNELS:
-        raise ValueError(f"fused_pointwise_mlp: C must be in [1, {MAX_CHANNELS}]; got {described}")
-    if x.dtype not in SUPPORTED_DTYPES or any(t.dtype != x.dtype for t in tensors.values()):
+        raise ValueError(f"fused_pointwise_mlp: C must be in [1, {MAX_CHANNELS}]; got {described()}")
+    dtype, device = x.dtype, x.device
+    if dtype not in SUPPORTED_DTYPES or any(t.dtype != dtype for t in tensors):
         names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
         raise ValueError(f"fused_pointwise_mlp: all tensors need one dtype out of {names}; "
-                         f"got {described}")
-    if any(t.device != x.device for t in tensors.values()):
-        raise ValueError(f"fused_pointwise_mlp: all tensors must be on one device; got {described}")
+                         f"got {described()}")
+    if any(t.device != device for t in tensors):
+        raise ValueError(f"fused_pointwise_mlp: all tensors must be on one device; got {described()}")
 
 
 def output_format(x: torch.Tensor) -> torch.memory_format:
@@ -628,14 +643,40 @@ def _padded(C: int) -> int:
     return (C + 15) // 16 * 16
 
 
-def _as_matrix(w: torch.Tensor) -> torch.Tensor:
-    """The [C, C, 1, 1] weight as a [C, C_PAD] matrix: rows 16-element aligned for vector loads."""
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a constexpr_function: a few µs per call from Python
+
+
+# the forward's padded copies of weights whose C is not a multiple of 16, by id(weight): (weakref
+# to the weight, its version counter and data pointer when copied, the copy); see _as_matrix
+_PADDED: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}
+
+
+def _as_matrix(w: torch.Tensor, for_backward: bool = False) -> torch.Tensor:
+    """The [C, C, 1, 1] weight as a [C, C_PAD] matrix: rows 16-element aligned for vector loads.
+
+    Where C needs padding, the forward always copies and keeps its copy, and the backward reuses it
+    if the weight is unchanged since: the same tensor object (a weight cast afresh under autocast is a
+    new one each call), the same storage (``.data =`` swaps it) and the same version counter (every
+    in-place update, an optimizer step's included, bumps it). Only the backward reuses, because
+    writes through ``w.data`` (gradcheck's perturbations, older training code) bump no counter: a
+    forward that reused would compute with stale weights, while between a forward and its backward
+    such a write already breaks autograd's saved tensors. Tensors that are not plain (fake and
+    functional tensors under torch.compile) are never kept."""
     C = w.shape[0]
     C_pad = _padded(C)
     if C_pad == C:
         return w.reshape(C, C).contiguous()  # a view for nn.Conv2d's contiguous weights
-    matrix = w.new_zeros((C, C_pad))
-    matrix[:, :C] = w.reshape(C, C)
+    plain = type(w) is torch.Tensor and not torch.compiler.is_compiling()
+    key = id(w)
+    if plain and for_backward:
+        entry = _PADDED.get(key)
+        if entry is not None and entry[0]() is w and entry[1] == w._version and entry[2] == w.data_ptr():
+            return entry[3]
+    matrix = torch.nn.functional.pad(w.detach().reshape(C, C), (0, C_pad - C))  # zeros on the right
+    if plain and not for_backward:
+        _PADDED[key] = (weakref.ref(w, lambda _, key=key: _PADDED.pop(key, None)), w._version, w.data_ptr(),
+                        matrix)
     return matrix
 
 
@@ -650,7 +691,7 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tenso
     lay = _arrange(y, x)
     (x,), (y_strides, x_strides) = lay.inputs, lay.strides
     cfg = plan.fwd.pick(lay.aligned)
-    grid = (triton.cdiv(lay.HW, cfg["BLOCK_M"]), lay.images)
+    grid = (_cdiv(lay.HW, cfg["BLOCK_M"]), lay.images)
     _launchable(_fwd_kernel)[grid](
         x, _as_matrix(w1), b1.contiguous(), _as_matrix(w2), b2.contiguous(), y,
         lay.HW, C, _padded(C), _floor(relu_input), *x_strides, *y_strides,
@@ -663,8 +704,8 @@ def _chunked_grid(images: int, HW: int, C: int, block_m: int, block_c: int,
                   chunks_fastest: bool) -> tuple[tuple[int], tuple[int, ...]]:
     """The 1-D grid of a (pixel tile, channel chunk) kernel and its order arguments
     (TILES_PER_IMAGE, TILES, CHUNKS, STEP_T, STEP_C); see _tile_and_chunk."""
-    tiles_per_image = triton.cdiv(HW, block_m)
-    tiles, chunks = images * tiles_per_image, triton.cdiv(C, block_c)
+    tiles_per_image = _cdiv(HW, block_m)
+    tiles, chunks = images * tiles_per_image, _cdiv(C, block_c)
     steps = (chunks, 1) if chunks_fastest else (1, tiles)
     return (tiles * chunks,), (tiles_per_image, tiles, chunks, *steps)
 
@@ -697,7 +738,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
         dy = torch.empty_like(y).copy_(dy)
     lay = _arrange(dx, x, y, dy)
     (x, y, dy), (dx_strides, x_strides, y_strides, _) = lay.inputs, lay.strides
-    w1m, w2m, b1 = _as_matrix(w1), _as_matrix(w2), b1.contiguous()
+    w1m, w2m, b1 = _as_matrix(w1, for_backward=True), _as_matrix(w2, for_backward=True), b1.contiguous()
     images, HW, prec, floor = lay.images, lay.HW, plan.input_precision, _floor(relu_input)
 
     # --- 1. recompute h; dz2 and dz1 (row-major [M, C_PAD] buffers in the input dtype)
@@ -730,12 +771,12 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
         (dz1, x, x_strides, floor, lay.aligned, dw1, db1),
     ):
         cfg = plan.dw.pick(aligned)
-        tiles_per_image = triton.cdiv(HW, cfg["BLOCK_M"])
+        tiles_per_image = _cdiv(HW, cfg["BLOCK_M"])
         tiles = images * tiles_per_image
-        tiles_w = triton.cdiv(C, cfg["BLOCK_O"]) * triton.cdiv(C, cfg["BLOCK_I"])
-        split = max(1, min(tiles, triton.cdiv(plan.dw_programs, tiles_w)))
-        tiles_per_split = triton.cdiv(tiles, split)
-        split = triton.cdiv(tiles, tiles_per_split)  # no empty splits
+        tiles_w = _cdiv(C, cfg["BLOCK_O"]) * _cdiv(C, cfg["BLOCK_I"])
+        split = max(1, min(tiles, _cdiv(plan.dw_programs, tiles_w)))
+        tiles_per_split = _cdiv(tiles, split)
+        split = _cdiv(tiles, tiles_per_split)  # no empty splits
         part = torch.empty((split, C * C + C), dtype=acc_dtype, device=x.device)
         _launchable(_bwd_dw_kernel)[(tiles_w, split)](
             g, p, part,
@@ -743,7 +784,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
             INPUT_PRECISION=prec, **cfg.launch_kwargs(),
         )
         rcfg = plan.reduce
-        _launchable(_bwd_reduce_kernel)[(triton.cdiv(C * C + C, rcfg["BLOCK"]),)](
+        _launchable(_bwd_reduce_kernel)[(_cdiv(C * C + C, rcfg["BLOCK"]),)](
             part, dw, db, C, split, **rcfg.launch_kwargs(),
         )
     return dx, dw1, db1, dw2, db2

@@ -277,6 +277,44 @@ def test_backward_grid_order_changes_no_bit(memory_format):
         assert torch.equal(a, b), f"{name}: the grid order changed the result"
 
 
+def test_padded_weight_copy_is_reused_until_the_weight_changes():
+    """C = 10 pads the weights to 16 columns: the backward reuses its forward's copy while the weight
+    is unchanged; an in-place update (an optimizer step), a new storage, or a write through .data
+    (which bumps no version counter, so only a new forward sees it) gives a fresh copy. The copy goes
+    when the weight does."""
+    as_matrix = pointwise_mlp._as_matrix
+    w = torch.randn(10, 10, 1, 1)
+    first = as_matrix(w)
+    assert as_matrix(w, for_backward=True) is first
+    with torch.no_grad():
+        w.add_(1.0)
+    assert as_matrix(w, for_backward=True) is not first
+    w.data = torch.randn(10, 10, 1, 1)
+    assert torch.equal(as_matrix(w, for_backward=True)[:, :10], w.reshape(10, 10))
+    as_matrix(w)
+    w.data[0, 0] += 1.0
+    fresh = as_matrix(w)
+    assert torch.equal(fresh[:, :10], w.reshape(10, 10)) and not fresh[:, 10:].any()
+    key = id(w)
+    del w
+    assert key not in pointwise_mlp._PADDED
+
+
+def test_training_steps_see_updated_padded_weights():
+    """Two SGD steps on a C = 10 block: each step's gradients are those of the weights after the last
+    update, not of a cached copy of older ones."""
+    x, params, dy = make_inputs(1, 10, 2, 3)
+    xs, ps = x.clone().requires_grad_(), [p.clone().requires_grad_() for p in params]
+    opt = torch.optim.SGD([xs, *ps], lr=0.5)
+    for _ in range(2):
+        ref = reference(xs.detach(), [p.detach() for p in ps], dy)
+        opt.zero_grad()
+        y = fused_pointwise_mlp(xs, *ps)
+        y.backward(dy)
+        assert_matches((y, [xs.grad, *(p.grad for p in ps)]), ref, 1e-5, 1e-5)
+        opt.step()
+
+
 def test_reference_function_matches_modules():
     x, params, dy = make_inputs(2, 10, 3, 4, torch.float64)
     y_ref, _ = reference(x, params, dy)
