@@ -20,6 +20,7 @@ has compiled and checked (no spills, tensor cores, shared memory) for sm_80 and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,7 @@ def block_channels(C: int) -> int:
     return width
 
 
+@functools.cache  # plans are frozen: one per C, built once
 def _interpreter_plan(C: int) -> Plan:
     # numpy runs each tl.dot whole, so big tiles mean fewer Python-level steps; tiles of 32 pixels
     # and 64 channels still leave ragged edges at the tests' sizes (C = 96, 100, 17, ...)
@@ -144,6 +146,7 @@ def _dtype_class(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
 
 
+@functools.cache  # a pure function of its arguments, called on every launch
 def gpu_plan(C: int, dtype: torch.dtype, allow_tf32: bool) -> Plan:
     """The GPU plan for C channels: a pure function of (dtype class, BLOCK_C)."""
     cls = _dtype_class(dtype, allow_tf32)
@@ -161,7 +164,10 @@ def select_plan(x: torch.Tensor) -> Plan:
     if x.device.type != "cuda":
         raise ValueError(f"fused_pointwise_mlp: needs CUDA tensors (or TRITON_INTERPRET=1 set "
                          f"before importing triton, to run on CPU); got x on {x.device}")
-    return gpu_plan(x.shape[1], x.dtype, conv_allows_tf32())
+    C = x.shape[1]
+    # a symbolic C (torch.compile with a dynamic channel dimension) is unhashable: no cache then
+    plan = gpu_plan if isinstance(C, int) else gpu_plan.__wrapped__
+    return plan(C, x.dtype, conv_allows_tf32())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,11 +53,11 @@ multiplied into the ``y`` accumulator by ``W2[:, j]ᵀ``. ``h`` never leaves the
 
 Backward, five launches, none holding a full-width tile:
 
-1. ``_bwd_hidden_kernel``, grid (pixel tiles, images, hidden chunks): recomputes ``h_j``, forms
+1. ``_bwd_hidden_kernel``, one program per (pixel tile, hidden chunk): recomputes ``h_j``, forms
    ``dz2 = dy ⊙ [y > 0]`` in steps of output channels, accumulates ``dh_j = dz2·W2[:, j]``, masks
    it into ``dz1_j``, and writes ``h``, ``dz1`` and ``dz2`` as [M, C_PAD] row-major buffers in the
    input dtype (the rounding PyTorch's own backward gives these gradients).
-2. ``_bwd_dx_kernel``, grid (pixel tiles, images, input-channel tiles): ``dx = (dz1·W1) ⊙ [x > 0]``,
+2. ``_bwd_dx_kernel``, one program per (pixel tile, input-channel tile): ``dx = (dz1·W1) ⊙ [x > 0]``,
    a GEMM over hidden chunks, written in ``x``'s layout.
 3. ``_bwd_dw_kernel``, once for (dz2, h) -> (dW2, db2) and once for (dz1, a) -> (dW1, db1), grid
    (weight tiles [BLOCK_O, BLOCK_I], SPLIT): split s owns a fixed contiguous range of pixel tiles
@@ -65,9 +65,19 @@ Backward, five launches, none holding a full-width tile:
    buffer.
 4. ``_bwd_reduce_kernel`` adds the SPLIT partials in index order and casts to the weight dtype.
 
+Launches 1 and 2 run a 1-D grid whose fastest index is the channel chunk: the programs that share
+a pixel tile run side by side, so x, y and dy (dz1 for dx) come from HBM once per tile and from L2
+for the other chunks. With the chunk slowest, every tile of chunk 0 ran before chunk 1 began, and
+where they outgrow the L2 (x, y and dy are 215 and 133 MB at NiN's C = 96 and 256 blocks, batch 128,
+bf16, against an H100's 50 MB) each chunk read them from HBM again (``nin-bench traffic`` models it).
+
 No float atomics anywhere: every sum runs in an order fixed by the shapes and the plan alone, so
 two backward passes give bitwise-identical dW and db. Products accumulate in fp32 (fp64 for fp64
 inputs), ReLUs act on the fp32 accumulator, and results are cast on the store.
+
+NaN goes where ``nn.ReLU`` sends it: every ReLU keeps a NaN input (``tl.maximum``'s default would
+turn it into 0, hiding a diverged run), and every backward mask is ``[out <= 0]`` zeroed rather than
+``[out > 0]`` kept, so a NaN output passes its gradient on, as PyTorch's ReLU backward does.
 
 ``relu_input`` reaches the kernels as a float, ``input_floor``: ``a = max(x, floor)`` is relu(x)
 for 0.0 and x itself for -inf. Triton never specializes float arguments, so one compiled kernel
@@ -77,6 +87,8 @@ serves both settings (and ``kernels.aot`` checks exactly the kernels that run).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import weakref
 
 import torch
 import triton
@@ -101,10 +113,19 @@ class KernelConfig:
         return cls(tuple(sorted(meta.items())), num_warps, num_stages)
 
     def __getitem__(self, name: str) -> int:
-        return dict(self.meta)[name]
+        return self._meta_dict[name]
 
     def launch_kwargs(self) -> dict[str, int]:
-        return {**dict(self.meta), "num_warps": self.num_warps, "num_stages": self.num_stages}
+        return self._launch_kwargs
+
+    # built once per config (configs are shared, frozen plan entries), not on every launch
+    @functools.cached_property
+    def _meta_dict(self) -> dict[str, int]:
+        return dict(self.meta)
+
+    @functools.cached_property
+    def _launch_kwargs(self) -> dict[str, int]:
+        return {**self._meta_dict, "num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,15 +155,15 @@ class Plan:
 
 # How the JIT specializes each kernel's int arguments in the launches below (kernels.aot compiles
 # the same): an argument equal to 1 becomes a constant (the layout's unit stride: channels for
-# channels_last, pixels for NCHW), and one divisible by 16 is marked so (what an "aligned"
-# launch guarantees: C and the strides that are multiples of C).
+# channels_last, pixels for NCHW, and the grid order's STEP_C), and one divisible by 16 is marked
+# so (what an "aligned" launch guarantees: C and the strides that are multiples of C).
 UNIT_STRIDES = {
     "_fwd_kernel": {"channels_last": ("stride_xc", "stride_yc"),
                     "nchw": ("stride_xp", "stride_yp")},
-    "_bwd_hidden_kernel": {"channels_last": ("stride_xc", "stride_yc"),
-                           "nchw": ("stride_xp", "stride_yp")},
-    "_bwd_dx_kernel": {"channels_last": ("stride_xc", "stride_dxc"),
-                       "nchw": ("stride_xp", "stride_dxp")},
+    "_bwd_hidden_kernel": {"channels_last": ("stride_xc", "stride_yc", "STEP_C"),
+                           "nchw": ("stride_xp", "stride_yp", "STEP_C")},
+    "_bwd_dx_kernel": {"channels_last": ("stride_xc", "stride_dxc", "STEP_C"),
+                       "nchw": ("stride_xp", "stride_dxp", "STEP_C")},
     "_bwd_dw_kernel": {"channels_last": ("stride_pc",), "nchw": ("stride_pp",)},
 }
 ALIGNED_ARGS = {
@@ -157,6 +178,31 @@ ALWAYS_DIVISIBLE = ("C_PAD",)  # a multiple of 16 by construction, in every laun
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _relu(z):
+    """max(z, 0) keeping NaN (and -0.0) as torch.relu does; tl.maximum's default turns NaN into 0."""
+    return tl.where(z < 0, 0.0, z)
+
+
+@triton.jit
+def _relu_grad(g, out, floor):
+    """g through a ReLU whose output (or input) is `out`: zero only where out <= floor, so a NaN
+    passes g on, as PyTorch's threshold_backward does (a `out > floor` test would drop it)."""
+    return tl.where(out <= floor, 0.0, g)
+
+
+@triton.jit
+def _tile_and_chunk(TILES_PER_IMAGE, TILES, CHUNKS, STEP_T, STEP_C):
+    """(image n, pixel tile within it, channel chunk) of this program in a 1-D grid of TILES·CHUNKS
+    programs, where the tile index advances every STEP_T programs and the chunk index every STEP_C.
+    STEP_C = 1 (the launchers' order) runs one tile's chunks side by side, so the tile's inputs are
+    read from HBM once and then from L2; STEP_T = 1 would sweep every tile before the next chunk."""
+    pid = tl.program_id(0)
+    tile = ((pid // STEP_T) % TILES).to(tl.int64)
+    n = tile // TILES_PER_IMAGE
+    return n, tile - n * TILES_PER_IMAGE, (pid // STEP_C) % CHUNKS
 
 
 @triton.jit
@@ -231,7 +277,7 @@ def _fwd_kernel(
                             input_floor, INPUT_PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)
         # --- h_j = relu(z1_j + b1[j]) in fp32, rounded to the input dtype like a conv output
         b1 = tl.load(b1_ptr + hid, mask=mask_hid, other=0.0).to(ACC)
-        h = tl.maximum(acc_h + b1[None, :], 0.0).to(x_ptr.dtype.element_ty)
+        h = _relu(acc_h + b1[None, :]).to(x_ptr.dtype.element_ty)
         # --- second GEMM, accumulated over hidden chunks: z2 += h_j·W2[:, j]ᵀ
         w2t = tl.load(w2_ptr + offs_c[None, :] * C_PAD + hid[:, None],
                       mask=mask_hid[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_H, BLOCK_C]
@@ -239,7 +285,7 @@ def _fwd_kernel(
 
     # --- epilogue: bias and ReLU in fp32, cast on the masked store
     b2 = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-    y = tl.maximum(acc_y + b2[None, :], 0.0)
+    y = _relu(acc_y + b2[None, :])
     tl.store(y_tile + offs_m[:, None] * stride_yp + offs_c[None, :] * stride_yc,
              y.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
 
@@ -260,6 +306,10 @@ def _bwd_hidden_kernel(
     HW,  # pixels per image (N·H·W when the batch is read as one image)
     C,  # channels
     C_PAD,  # row stride of the weights and the [M, C_PAD] buffers: C rounded up to 16
+    TILES_PER_IMAGE,  # cdiv(HW, BLOCK_M)
+    TILES,  # all pixel tiles: images · TILES_PER_IMAGE
+    CHUNKS,  # channel chunks per tile: cdiv(C, BLOCK_H)
+    STEP_T, STEP_C,  # grid order (see _tile_and_chunk): the launchers pass STEP_C = 1, chunks fastest
     # scalars
     input_floor,  # a = max(x, input_floor): 0.0 gives relu(x), -inf gives x
     # strides, in elements
@@ -274,9 +324,7 @@ def _bwd_hidden_kernel(
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
 
     # --- program -> (BLOCK_M pixels of image n, BLOCK_H hidden channels); int64 tile bases
-    pid_p = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2)
+    n, pid_p, pid_h = _tile_and_chunk(TILES_PER_IMAGE, TILES, CHUNKS, STEP_T, STEP_C)
     p0 = pid_p * BLOCK_M
     x_tile = x_ptr + n * stride_xn + p0 * stride_xp
     y_tile = y_ptr + n * stride_yn + p0 * stride_yp
@@ -292,7 +340,7 @@ def _bwd_hidden_kernel(
     acc_h = _first_gemm(x_tile, stride_xc, stride_xp, offs_m, mask_p, w1_ptr, hid, mask_hid, C, C_PAD,
                         input_floor, INPUT_PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)
     b1 = tl.load(b1_ptr + hid, mask=mask_hid, other=0.0).to(ACC)
-    h = tl.maximum(acc_h + b1[None, :], 0.0)
+    h = _relu(acc_h + b1[None, :])
 
     # --- dh_j = dz2·W2[:, j], with dz2 = dy ⊙ [y > 0] formed a step of output channels at a time
     acc_dh = tl.zeros([BLOCK_M, BLOCK_H], dtype=ACC)
@@ -303,13 +351,13 @@ def _bwd_hidden_kernel(
         mask_po = mask_p[:, None] & mask_o[None, :]
         dy = tl.load(dy_tile + yo, mask=mask_po, other=0.0)
         y = tl.load(y_tile + yo, mask=mask_po, other=0.0)
-        dz2 = tl.where(y > 0, dy, 0.0)
+        dz2 = _relu_grad(dy, y, 0.0)
         w2 = tl.load(w2_ptr + oo[:, None] * C_PAD + hid[None, :],
                      mask=mask_o[:, None] & mask_hid[None, :], other=0.0)  # [BLOCK_K, BLOCK_H]
         acc_dh = tl.dot(dz2, w2, acc_dh, input_precision=INPUT_PRECISION)
 
     # --- dz1_j = dh_j ⊙ [h_j > 0]; write h, dz1 and this chunk's columns of dz2 for the dW pass
-    dz1 = tl.where(h > 0, acc_dh, 0.0)
+    dz1 = _relu_grad(acc_dh, h, 0.0)
     mask_ph = mask_p[:, None] & mask_hid[None, :]
     buf = row0 + offs_m[:, None] * C_PAD + hid[None, :]
     tl.store(h_ptr + buf, h.to(h_ptr.dtype.element_ty), mask=mask_ph)
@@ -318,7 +366,7 @@ def _bwd_hidden_kernel(
     yh = offs_m[:, None] * stride_yp + hid[None, :] * stride_yc
     dy = tl.load(dy_tile + yh, mask=mask_ph, other=0.0)
     y = tl.load(y_tile + yh, mask=mask_ph, other=0.0)
-    tl.store(dz2_ptr + buf, tl.where(y > 0, dy, 0.0), mask=mask_ph)
+    tl.store(dz2_ptr + buf, _relu_grad(dy, y, 0.0), mask=mask_ph)
 
 
 @triton.jit
@@ -332,6 +380,10 @@ def _bwd_dx_kernel(
     HW,  # pixels per image (N·H·W when the batch is read as one image)
     C,  # channels
     C_PAD,  # row stride of the weights and the [M, C_PAD] buffer: C rounded up to 16
+    TILES_PER_IMAGE,  # cdiv(HW, BLOCK_M)
+    TILES,  # all pixel tiles: images · TILES_PER_IMAGE
+    CHUNKS,  # channel chunks per tile: cdiv(C, BLOCK_I)
+    STEP_T, STEP_C,  # grid order (see _tile_and_chunk): the launchers pass STEP_C = 1, chunks fastest
     # scalars
     input_floor,  # the forward's a = max(x, input_floor): gradient flows where x > input_floor
     # strides, in elements
@@ -346,9 +398,7 @@ def _bwd_dx_kernel(
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
 
     # --- program -> (BLOCK_M pixels of image n, BLOCK_I input channels); int64 tile bases
-    pid_p = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
-    pid_i = tl.program_id(2)
+    n, pid_p, pid_i = _tile_and_chunk(TILES_PER_IMAGE, TILES, CHUNKS, STEP_T, STEP_C)
     p0 = pid_p * BLOCK_M
     dz1_tile = dz1_ptr + (n * HW + p0) * C_PAD
     offs_m = tl.arange(0, BLOCK_M)
@@ -373,7 +423,7 @@ def _bwd_dx_kernel(
     x_tile = x_ptr + n * stride_xn + p0 * stride_xp
     x = tl.load(x_tile + offs_m[:, None] * stride_xp + offs_i[None, :] * stride_xc,
                 mask=mask_pi, other=0.0)
-    acc = tl.where(x > input_floor, acc, 0.0)
+    acc = _relu_grad(acc, x, input_floor)
     dx_tile = dx_ptr + n * stride_dxn + p0 * stride_dxp
     tl.store(dx_tile + offs_m[:, None] * stride_dxp + offs_i[None, :] * stride_dxc,
              acc.to(dx_ptr.dtype.element_ty), mask=mask_pi)
@@ -483,25 +533,29 @@ def check_inputs(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
 
     ``b2`` may be None: the backward does not need it.
     """
-    tensors = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
-    tensors = {k: t for k, t in tensors.items() if t is not None}
-    described = ", ".join(f"{k}: {tuple(t.shape)} {t.dtype} on {t.device}" for k, t in tensors.items())
+    tensors = (x, w1, b1, w2) if b2 is None else (x, w1, b1, w2, b2)
+
+    def described() -> str:  # built only for an error message: a call that passes never pays for it
+        named = zip(("x", "w1", "b1", "w2", "b2"), tensors, strict=False)  # b2 may be absent
+        return ", ".join(f"{k}: {tuple(t.shape)} {t.dtype} on {t.device}" for k, t in named)
+
     if x.dim() != 4:
-        raise ValueError(f"fused_pointwise_mlp: x must be [N, C, H, W]; got {described}")
+        raise ValueError(f"fused_pointwise_mlp: x must be [N, C, H, W]; got {described()}")
     C = x.shape[1]
-    if tuple(w1.shape) != (C, C, 1, 1) or tuple(w2.shape) != (C, C, 1, 1):
+    if w1.shape != (C, C, 1, 1) or w2.shape != (C, C, 1, 1):
         raise ValueError(f"fused_pointwise_mlp: w1 and w2 must be [C, C, 1, 1] with C={C} "
-                         f"(1x1 conv weights); got {described}")
-    if any(tuple(tensors[k].shape) != (C,) for k in ("b1", "b2") if k in tensors):
-        raise ValueError(f"fused_pointwise_mlp: b1 and b2 must be [C] with C={C}; got {described}")
+                         f"(1x1 conv weights); got {described()}")
+    if b1.shape != (C,) or (b2 is not None and b2.shape != (C,)):
+        raise ValueError(f"fused_pointwise_mlp: b1 and b2 must be [C] with C={C}; got {described()}")
     if not 1 <= C <= MAX_CHANNELS:
-        raise ValueError(f"fused_pointwise_mlp: C must be in [1, {MAX_CHANNELS}]; got {described}")
-    if x.dtype not in SUPPORTED_DTYPES or any(t.dtype != x.dtype for t in tensors.values()):
+        raise ValueError(f"fused_pointwise_mlp: C must be in [1, {MAX_CHANNELS}]; got {described()}")
+    dtype, device = x.dtype, x.device
+    if dtype not in SUPPORTED_DTYPES or any(t.dtype != dtype for t in tensors):
         names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
         raise ValueError(f"fused_pointwise_mlp: all tensors need one dtype out of {names}; "
-                         f"got {described}")
-    if any(t.device != x.device for t in tensors.values()):
-        raise ValueError(f"fused_pointwise_mlp: all tensors must be on one device; got {described}")
+                         f"got {described()}")
+    if any(t.device != device for t in tensors):
+        raise ValueError(f"fused_pointwise_mlp: all tensors must be on one device; got {described()}")
 
 
 def output_format(x: torch.Tensor) -> torch.memory_format:
@@ -590,14 +644,40 @@ def _padded(C: int) -> int:
     return (C + 15) // 16 * 16
 
 
-def _as_matrix(w: torch.Tensor) -> torch.Tensor:
-    """The [C, C, 1, 1] weight as a [C, C_PAD] matrix: rows 16-element aligned for vector loads."""
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a constexpr_function: a few µs per call from Python
+
+
+# the forward's padded copies of weights whose C is not a multiple of 16, by id(weight): (weakref
+# to the weight, its version counter and data pointer when copied, the copy); see _as_matrix
+_PADDED: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}
+
+
+def _as_matrix(w: torch.Tensor, for_backward: bool = False) -> torch.Tensor:
+    """The [C, C, 1, 1] weight as a [C, C_PAD] matrix: rows 16-element aligned for vector loads.
+
+    Where C needs padding, the forward always copies and keeps its copy, and the backward reuses it
+    if the weight is unchanged since: the same tensor object (a weight cast afresh under autocast is a
+    new one each call), the same storage (``.data =`` swaps it) and the same version counter (every
+    in-place update, an optimizer step's included, bumps it). Only the backward reuses, because
+    writes through ``w.data`` (gradcheck's perturbations, older training code) bump no counter: a
+    forward that reused would compute with stale weights, while between a forward and its backward
+    such a write already breaks autograd's saved tensors. Tensors that are not plain (fake and
+    functional tensors under torch.compile) are never kept."""
     C = w.shape[0]
     C_pad = _padded(C)
     if C_pad == C:
         return w.reshape(C, C).contiguous()  # a view for nn.Conv2d's contiguous weights
-    matrix = w.new_zeros((C, C_pad))
-    matrix[:, :C] = w.reshape(C, C)
+    plain = type(w) is torch.Tensor and not torch.compiler.is_compiling()
+    key = id(w)
+    if plain and for_backward:
+        entry = _PADDED.get(key)
+        if entry is not None and entry[0]() is w and entry[1] == w._version and entry[2] == w.data_ptr():
+            return entry[3]
+    matrix = torch.nn.functional.pad(w.detach().reshape(C, C), (0, C_pad - C))  # zeros on the right
+    if plain and not for_backward:
+        _PADDED[key] = (weakref.ref(w, lambda _, key=key: _PADDED.pop(key, None)), w._version, w.data_ptr(),
+                        matrix)
     return matrix
 
 
@@ -612,7 +692,7 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tenso
     lay = _arrange(y, x)
     (x,), (y_strides, x_strides) = lay.inputs, lay.strides
     cfg = plan.fwd.pick(lay.aligned)
-    grid = (triton.cdiv(lay.HW, cfg["BLOCK_M"]), lay.images)
+    grid = (_cdiv(lay.HW, cfg["BLOCK_M"]), lay.images)
     _launchable(_fwd_kernel)[grid](
         x, _as_matrix(w1), b1.contiguous(), _as_matrix(w2), b2.contiguous(), y,
         lay.HW, C, _padded(C), _floor(relu_input), *x_strides, *y_strides,
@@ -621,10 +701,24 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tenso
     return y
 
 
+def _chunked_grid(images: int, HW: int, C: int, block_m: int, block_c: int,
+                  chunks_fastest: bool) -> tuple[tuple[int], tuple[int, ...]]:
+    """The 1-D grid of a (pixel tile, channel chunk) kernel and its order arguments
+    (TILES_PER_IMAGE, TILES, CHUNKS, STEP_T, STEP_C); see _tile_and_chunk."""
+    tiles_per_image = _cdiv(HW, block_m)
+    tiles, chunks = images * tiles_per_image, _cdiv(C, block_c)
+    steps = (chunks, 1) if chunks_fastest else (1, tiles)
+    return (tiles * chunks,), (tiles_per_image, tiles, chunks, *steps)
+
+
 def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
              w2: torch.Tensor, y: torch.Tensor, relu_input: bool,
-             plan: Plan) -> tuple[torch.Tensor, ...]:
-    """(dx, dW1, db1, dW2, db2) from the saved x and y, recomputing h; dx in x's memory format."""
+             plan: Plan, chunks_fastest: bool = True) -> tuple[torch.Tensor, ...]:
+    """(dx, dW1, db1, dW2, db2) from the saved x and y, recomputing h; dx in x's memory format.
+
+    ``chunks_fastest=False`` launches the two chunked kernels in the order they first had (every
+    pixel tile of a chunk before the next chunk): slower on a GPU, and the test's proof that the
+    order changes no bit of the result."""
     check_inputs(x, w1, b1, w2, None)
     if dy.shape != x.shape or y.shape != x.shape or dy.dtype != x.dtype or y.dtype != x.dtype:
         raise ValueError(f"fused_pointwise_mlp backward: dy and y must match x "
@@ -645,7 +739,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
         dy = torch.empty_like(y).copy_(dy)
     lay = _arrange(dx, x, y, dy)
     (x, y, dy), (dx_strides, x_strides, y_strides, _) = lay.inputs, lay.strides
-    w1m, w2m, b1 = _as_matrix(w1), _as_matrix(w2), b1.contiguous()
+    w1m, w2m, b1 = _as_matrix(w1, for_backward=True), _as_matrix(w2, for_backward=True), b1.contiguous()
     images, HW, prec, floor = lay.images, lay.HW, plan.input_precision, _floor(relu_input)
 
     # --- 1. recompute h; dz2 and dz1 (row-major [M, C_PAD] buffers in the input dtype)
@@ -654,19 +748,19 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
     dz1 = torch.empty_like(h)
     dz2 = torch.empty_like(h)
     cfg = plan.hidden.pick(lay.aligned)
-    grid = (triton.cdiv(HW, cfg["BLOCK_M"]), images, triton.cdiv(C, cfg["BLOCK_H"]))
+    grid, order = _chunked_grid(images, HW, C, cfg["BLOCK_M"], cfg["BLOCK_H"], chunks_fastest)
     _launchable(_bwd_hidden_kernel)[grid](
         x, w1m, b1, w2m, y, dy, h, dz1, dz2,
-        HW, C, C_pad, floor, *x_strides, *y_strides,
+        HW, C, C_pad, *order, floor, *x_strides, *y_strides,
         INPUT_PRECISION=prec, **cfg.launch_kwargs(),
     )
 
     # --- 2. dx = (dz1·W1) ⊙ [x > 0]
     cfg = plan.dx.pick(lay.aligned)
-    grid = (triton.cdiv(HW, cfg["BLOCK_M"]), images, triton.cdiv(C, cfg["BLOCK_I"]))
+    grid, order = _chunked_grid(images, HW, C, cfg["BLOCK_M"], cfg["BLOCK_I"], chunks_fastest)
     _launchable(_bwd_dx_kernel)[grid](
         dz1, w1m, x, dx,
-        HW, C, C_pad, floor, *x_strides, *dx_strides,
+        HW, C, C_pad, *order, floor, *x_strides, *dx_strides,
         INPUT_PRECISION=prec, **cfg.launch_kwargs(),
     )
 
@@ -678,12 +772,12 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
         (dz1, x, x_strides, floor, lay.aligned, dw1, db1),
     ):
         cfg = plan.dw.pick(aligned)
-        tiles_per_image = triton.cdiv(HW, cfg["BLOCK_M"])
+        tiles_per_image = _cdiv(HW, cfg["BLOCK_M"])
         tiles = images * tiles_per_image
-        tiles_w = triton.cdiv(C, cfg["BLOCK_O"]) * triton.cdiv(C, cfg["BLOCK_I"])
-        split = max(1, min(tiles, triton.cdiv(plan.dw_programs, tiles_w)))
-        tiles_per_split = triton.cdiv(tiles, split)
-        split = triton.cdiv(tiles, tiles_per_split)  # no empty splits
+        tiles_w = _cdiv(C, cfg["BLOCK_O"]) * _cdiv(C, cfg["BLOCK_I"])
+        split = max(1, min(tiles, _cdiv(plan.dw_programs, tiles_w)))
+        tiles_per_split = _cdiv(tiles, split)
+        split = _cdiv(tiles, tiles_per_split)  # no empty splits
         part = torch.empty((split, C * C + C), dtype=acc_dtype, device=x.device)
         _launchable(_bwd_dw_kernel)[(tiles_w, split)](
             g, p, part,
@@ -691,7 +785,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
             INPUT_PRECISION=prec, **cfg.launch_kwargs(),
         )
         rcfg = plan.reduce
-        _launchable(_bwd_reduce_kernel)[(triton.cdiv(C * C + C, rcfg["BLOCK"]),)](
+        _launchable(_bwd_reduce_kernel)[(_cdiv(C * C + C, rcfg["BLOCK"]),)](
             part, dw, db, C, split, **rcfg.launch_kwargs(),
         )
     return dx, dw1, db1, dw2, db2
