@@ -37,7 +37,7 @@ from nin_dist.data import TrainBatches, hold_out, load_datasets
 from nin_dist.distributed import DistInfo
 from nin_dist.ema import WeightEMA
 from nin_dist.errors import CheckpointError, ConfigError, DivergedError, UserError, first_line, report
-from nin_dist.layers import dropout_seed, keep_eager_under_compile
+from nin_dist.layers import dropout_seed
 from nin_dist.logs import init_logging
 from nin_dist.model import build_model
 from nin_dist.optim import apply_hyperparameters, build_optimizer, build_scheduler, state_is_finite
@@ -84,7 +84,6 @@ class Trainer:
                                          self.step)
         self.model = distributed.wrap_ddp(self.raw_model, info, cfg.train.bucket_cap_mb)
         if cfg.train.compile:
-            keep_eager_under_compile()
             self.model = torch.compile(self.model)
         tags = {"world_size": str(info.world_size), "nodes": str(info.num_nodes), "backend": info.backend or "none",
                 "device_name": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
