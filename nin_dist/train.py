@@ -124,7 +124,8 @@ class Trainer:
         results, predictions = {}, None
         self.tracker.log_metrics(self.info.metrics(), self.step)  # where this attempt starts
         attempt_start = self.step
-        progress = Progress(cfg.train.progress, batches.steps_per_epoch * cfg.train.epochs, self.step, info.is_main)
+        progress = Progress(cfg.train.progress, min(batches.steps_per_epoch * cfg.train.epochs, max_steps),
+                            self.step, info.is_main)
         while self.epoch < cfg.train.epochs and self.step < max_steps:
             t0, images = time.perf_counter(), 0
             sums = torch.zeros(3, device=info.device, dtype=torch.float64)  # loss sum, correct, images
