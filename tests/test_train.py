@@ -129,18 +129,6 @@ def test_divergence_stops_with_exit_2_and_keeps_the_last_good_checkpoint(tmp_pat
     assert_bit_identical(kept[ckpt.MODEL], good[ckpt.MODEL])
 
 
-def test_a_start_is_checkpointed_so_an_early_failure_resumes_it(tmp_path, capsys):
-    """The checkpoint before step 1 carries the run (its MLflow run id, its config): a restart after a
-    failure before any periodic save resumes it rather than starting a second run."""
-    out = tmp_path / "run"
-    assert train_in_process(overrides(out, **TINY, optim__lr=1e30, train__log_every=1)) == 2  # NaN at step 2
-    start = last_checkpoint(out)
-    assert start[ckpt.STEP] == 0 and ckpt.MLFLOW_RUN_ID in start
-    capsys.readouterr()
-    assert train_in_process(overrides(out, **TINY, run__allow_config_change=True, train__max_steps=1)) == 0
-    assert f"resuming from {out / 'checkpoints' / 'last.pt'} at epoch 1, step 0" in capsys.readouterr().err
-
-
 def test_a_diverged_model_is_never_saved(tmp_path, capsys):
     # A checkpoint every step and no loss check after step 1: only the guard before `save` stands
     # between the NaN/inf parameters and last.pt.
