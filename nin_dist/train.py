@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             init_logging(0)
             return sync(Path(args.sync_tracking))
         cfg = load_config(args.config, args.overrides)
-        info = distributed.init_distributed(cfg.train.device, cfg.train.threads, cfg.train.dist_timeout_s)
+        info = distributed.init_distributed(cfg.train.device, cfg.train.threads, cfg.train.dist_timeout_s,
+                                            cfg.train.compile)
         init_logging(info.rank)
         check_world(cfg, info)
         cfg = resolve_run(precision.resolve_config(cfg, info.device))

@@ -96,6 +96,7 @@ def test_progress_bar_and_epoch_lines_on_rank_0_only(reference):
     steps = 2 * STEPS_PER_EPOCH
     assert re.search(rf"{steps}/{steps} \[.*loss \d\.\d{{4}}, \d+ img/s\]", rank0)
     assert len(re.findall(r"\[rank 0\] epoch \d/2  train loss .* MFU [\d.]+%", rank0)) == 2
+    assert "a lost peer is found after 120 s" in rank0  # train.dist_timeout_s's default: eager, on a CPU
     assert "img/s" not in rank1 and "epoch 1/2" not in rank1, rank1[-2000:]
 
 
