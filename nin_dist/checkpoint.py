@@ -176,10 +176,19 @@ class Checkpointer:
             raise CheckpointError(f"{self.path}: cannot be loaded ({first_line(err, 160)}); delete it or set "
                                   f"run.resume=false") from None
         check_state(state, self.path)
-        if state.get(CONFIG_HASH) != config_hash and not allow_change:
-            old = state.get(CONFIG, {})
-            changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise CheckpointError(
-                f"{self.path} was written by a different config (changed: {', '.join(changed) or 'unknown'}); "
-                f"use another run.out_dir, run.resume=false, or run.allow_config_change=true")
+        if state[CONFIG_HASH] == config_hash:
+            return state
+        old = state.get(CONFIG, {})
+        changed = ", ".join(sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))) or "unknown"
+        if state[STEP] == 0:
+            # The start of a run that failed in its first step (a bad lr, out of memory) holds nothing
+            # trained: the fixed config starts afresh. Its own MLflow run, as MLflow keeps a run's first
+            # params: continued, the old run would show the config that failed as the one that trained.
+            log.warning("%s holds no step of training and was written by a different config (changed: %s): "
+                        "starting afresh with this config in a new MLflow run (run %s stays as it ended)",
+                        self.path, changed, state.get(MLFLOW_RUN_ID))
+            return None
+        if not allow_change:
+            raise CheckpointError(f"{self.path} was written by a different config (changed: {changed}); use another "
+                                  f"run.out_dir, run.resume=false, or run.allow_config_change=true")
         return state

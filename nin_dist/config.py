@@ -45,12 +45,24 @@ MAX_BUCKET_MB = 65536.0  # DDP bucket, MiB: larger than the gradients of the lar
 MAX_TRANSLATE = 14
 MAX_TIMEOUT_S = 3600.0  # one tracking call; longer waits stall the run, and the sender's guard is 6x this
 MAX_DIST_TIMEOUT_S = 86400.0  # one collective: a day; a peer silent for longer is gone
-# train.dist_timeout_s when null, by process-group backend. gloo (CPU): nothing a rank does between two
-# collectives (a step, a checkpoint, an evaluation shard) takes more than seconds, so two minutes of
-# silence means a lost peer. nccl (GPU): with train.compile=true the first step waits in its first
-# all-reduce until the slowest rank has compiled its graphs and autotuned its kernels, which takes
-# minutes with a cold cache; ten minutes leaves room for that and still ends a lost-peer hang.
-DIST_TIMEOUT_S = {"gloo": 120.0, "nccl": 600.0}
+# train.dist_timeout_s when null, by what a rank does between two collectives (default_dist_timeout_s).
+# An eager step on a CPU, a checkpoint or an evaluation shard takes seconds: two minutes of silence
+# mean a lost peer. On a GPU the first eager step also JIT-compiles the fused Triton kernels and sets
+# up nccl's communicators, cold caches included: ten minutes. With train.compile=true the first step
+# waits in its first collective until the slowest rank has compiled the forward and backward graphs
+# with a cold cache: 230 s for the 2 steps of test_compile_on_cpu (a small model, one process, 2 busy
+# CPU cores), and every process of a machine compiles at once on the same cores; on a GPU, minutes of
+# compiling and autotuning. Half an hour leaves room for that and still ends a lost-peer hang; where
+# hosts get lost, set the key to what a warm cache needs.
+DIST_TIMEOUT_S = {"cpu": 120.0, "cuda": 600.0}
+COMPILED_DIST_TIMEOUT_S = 1800.0
+
+
+def default_dist_timeout_s(compile: bool, device_type: str) -> float:
+    """train.dist_timeout_s when null: seconds, for a step compiled (train.compile) or not on this device type."""
+    return COMPILED_DIST_TIMEOUT_S if compile else DIST_TIMEOUT_S[device_type]
+
+
 RUN_ID = re.compile(r"[A-Za-z0-9][\w-]{0,255}")  # what MLflow accepts as a run id
 # A registered model's name, as a `models:/NAME@alias` URI can carry it (MLflow splits those at / and @).
 MODEL_NAME = re.compile(r"(?!\.\.|\.$)[^\s/:@%\x00-\x1f\x7f](?:[^/:@%\x00-\x1f\x7f]{0,254}[^\s/:@%\x00-\x1f\x7f])?")
@@ -163,8 +175,8 @@ class TrainConfig:
     bucket_cap_mb: float = 25.0  # DDP gradient bucket size, MiB
     # Seconds a collective (and the process group's set-up) waits for the other ranks before this
     # rank fails and torchrun restarts the job: how long a lost or cut-off host takes to be found.
-    # null: 120 on gloo (CPU), 600 on nccl (GPU: the first step waits out torch.compile; see
-    # DIST_TIMEOUT_S above).
+    # null: by what a step does (DIST_TIMEOUT_S above): 120 on a CPU, 600 on a GPU, 1800 with
+    # train.compile=true on either (the first step waits for the slowest rank's cold compile).
     dist_timeout_s: float | None = None
     # Rank 0's progress display: bar (tqdm, for a terminal), lines (one log line every train.log_every
     # steps, no carriage returns: for log files), off, or auto = bar when stderr is a terminal, else
@@ -194,7 +206,8 @@ class TrainConfig:
         require(0 < self.bucket_cap_mb <= MAX_BUCKET_MB, "train.bucket_cap_mb",
                  f"a positive size in MiB up to {MAX_BUCKET_MB:g}", self.bucket_cap_mb)
         require(self.dist_timeout_s is None or 1 <= self.dist_timeout_s <= MAX_DIST_TIMEOUT_S, "train.dist_timeout_s",
-                f"null (120 s on CPU, 600 s on GPU) or 1 to {MAX_DIST_TIMEOUT_S:g} seconds", self.dist_timeout_s)
+                f"null (120 s on a CPU, 600 s on a GPU, {COMPILED_DIST_TIMEOUT_S:g} s with train.compile) or 1 to "
+                f"{MAX_DIST_TIMEOUT_S:g} seconds", self.dist_timeout_s)
         require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "in [0, 1) (0 = off)", self.ema_decay)
         if isinstance(self.progress, bool):  # the switch's old form: stored as the mode it means
             object.__setattr__(self, "progress", "auto" if self.progress else "off")

@@ -3,7 +3,7 @@
 torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; they are
 the inputs read here, with TORCHELASTIC_RESTART_COUNT to keep restarts apart (see `_attempt_store`)
 and to report them (`DistInfo.restarts`). Without them a process is a world of one and no process
-group is made. The group's timeout (`train.dist_timeout_s`, else `DIST_TIMEOUT_S` of the backend)
+group is made. The group's timeout (`train.dist_timeout_s`, else `default_dist_timeout_s`)
 bounds every collective: a peer that vanishes (host lost, link cut) fails this rank after that long,
 and torchrun then forms the job again from the hosts that are left.
 Backend: nccl on CUDA, gloo on the CPU. Reductions say in their names where the result lives:
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from nin_dist.config import DIST_TIMEOUT_S
+from nin_dist.config import default_dist_timeout_s
 from nin_dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,10 @@ def _pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto", threads: int | None = None, timeout_s: float | None = None) -> DistInfo:
+def init_distributed(device: str = "auto", threads: int | None = None, timeout_s: float | None = None,
+                     compile: bool = False) -> DistInfo:
     """Read torchrun's environment, pick the device, and join the process group (if any) with a timeout
-    of `timeout_s` seconds (None: the backend's `DIST_TIMEOUT_S`)."""
+    of `timeout_s` seconds (None: `default_dist_timeout_s` for a model compiled or not on that device)."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -87,7 +88,7 @@ def init_distributed(device: str = "auto", threads: int | None = None, timeout_s
     backend, seconds = None, 0.0
     if world_size > 1:
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        seconds = timeout_s or DIST_TIMEOUT_S[backend]
+        seconds = timeout_s or default_dist_timeout_s(compile, dev.type)
         timeout = datetime.timedelta(seconds=seconds)
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
                                 store=_attempt_store(world_size, timeout),

@@ -26,8 +26,17 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _global_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(mean, biased var, total count) per channel of the global batch: one all_gather.
+# The collectives and the per-step mask generator are custom ops. torch.compile, whoever calls it on
+# whatever module holds these layers, keeps each as one opaque node: it never traces into the
+# collectives (it would rewrite them as its own functional collectives) nor into the per-step
+# torch.Generator (a graph break at every dropout). Each fake (meta) implementation gives the shapes,
+# dtypes and strides the real one returns; registering them costs milliseconds at import and never
+# imports torch._dynamo (tests/test_layout.py).
+
+
+@torch.library.custom_op("nin_dist::global_batch_stats", mutates_args=())
+def _global_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased var) per channel of the global batch: one all_gather.
 
     Each rank contributes its mean and sum of squared deviations (M2); with equal counts n per rank
     they combine exactly (Chan et al.): mean = mean of means, M2 = sum of M2 + n * sum of
@@ -45,50 +54,86 @@ def _global_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     stats = torch.stack(parts)  # [world, 2, C]
     means, m2s = stats[:, 0], stats[:, 1]
     mean = means.mean(0)
-    total = n * stats.shape[0]
-    var = (m2s.sum(0) + n * ((means - mean) ** 2).sum(0)) / total
-    return mean, var, total
+    var = (m2s.sum(0) + n * ((means - mean) ** 2).sum(0)) / (n * stats.shape[0])
+    return mean, var
 
 
-class _CrossRankBatchNormFn(torch.autograd.Function):
-    """Training-mode BatchNorm over the global batch, on torch's native CPU/GPU kernels.
+@_global_stats.register_fake
+def _(x):
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape[1], dtype=stat_dtype), x.new_empty(x.shape[1], dtype=stat_dtype)
 
-    Forward: global statistics (above), then torch's own normalisation kernel with them.
-    Backward, with x^ = (x - mean) * invstd and dy' = dy * gamma:
+
+def _like(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`y` laid out as `torch.empty_like(x)` (the fake implementations' layout); a copy only where it differs."""
+    if y.stride() == torch.empty_like(x, device="meta").stride():
+        return y
+    return torch.empty_like(x).copy_(y)
+
+
+@torch.library.custom_op("nin_dist::cross_rank_batch_norm", mutates_args=())
+def _cross_rank_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+                           var: torch.Tensor, eps: float) -> torch.Tensor:
+    """Training-mode BatchNorm with the global batch's statistics, on torch's native CPU/GPU kernels.
+
+    Forward: the global batch's statistics (`_global_stats`), then torch's own normalisation kernel with them.
+    Backward (`_cross_rank_batch_norm_backward`), with x^ = (x - mean) * invstd and dy' = dy * gamma:
         dx = invstd * (dy' - S1 / N - x^ * S2 / N),  S1 = sum dy', S2 = sum dy' x^ over all ranks.
     torch's native backward computes the same with this rank's sums (s1 / n, s2 / n, its dgamma and
     dbeta are exactly those sums); one all_reduce of (dbeta, dgamma) gives the global ones, and
     dx is corrected by invstd * gamma * ((s1/n - S1/N) + x^ (s2/n - S2/N)): an affine map of x per
     channel. dgamma / dbeta stay this rank's, as DDP averages parameter gradients itself.
     """
+    y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+    return _like(x, y)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, eps):
-        invstd = torch.rsqrt(var + eps)
-        y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.eps = eps
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
-        dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
-            dy, x, weight, None, None, mean, invstd, True, ctx.eps, [True, True, True])
-        local = torch.stack([dbias, dweight]).to(mean.dtype)
-        sums = local.clone()
-        dist.all_reduce(sums)
-        n = x.numel() // x.shape[1]
-        total = n * dist.get_world_size()
-        shift = local / n - sums / total  # [2, C]: (s1/n - S1/N, s2/n - S2/N)
-        gain = weight.to(mean.dtype) * invstd
-        slope = gain * invstd * shift[1]  # coefficient of x
-        offset = gain * shift[0] - slope * mean
-        # x * slope + offset per channel, on torch's eval BatchNorm kernel (mean 0, var 1, eps 0): one
-        # pass in any memory format, where broadcasting views cost ~10x more on the CPU.
-        ones = torch.ones_like(mean)
-        dx = dx + torch.batch_norm(x, slope, offset, torch.zeros_like(mean), ones, False, 0.0, 0.0, False)
-        return dx, dweight, dbias, None, None, None
+@_cross_rank_batch_norm.register_fake
+def _(x, weight, bias, mean, var, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("nin_dist::cross_rank_batch_norm_backward", mutates_args=())
+def _cross_rank_batch_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                                    var: torch.Tensor, eps: float
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    invstd = torch.rsqrt(var + eps)
+    dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+        dy, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
+    local = torch.stack([dbias, dweight]).to(mean.dtype)
+    sums = local.clone()
+    dist.all_reduce(sums)
+    n = x.numel() // x.shape[1]
+    total = n * dist.get_world_size()
+    shift = local / n - sums / total  # [2, C]: (s1/n - S1/N, s2/n - S2/N)
+    gain = weight.to(mean.dtype) * invstd
+    slope = gain * invstd * shift[1]  # coefficient of x
+    offset = gain * shift[0] - slope * mean
+    # x * slope + offset per channel, on torch's eval BatchNorm kernel (mean 0, var 1, eps 0): one
+    # pass in any memory format, where broadcasting views cost ~10x more on the CPU.
+    ones = torch.ones_like(mean)
+    dx = dx + torch.batch_norm(x, slope, offset, torch.zeros_like(mean), ones, False, 0.0, 0.0, False)
+    return _like(x, dx), dweight, dbias
+
+
+@_cross_rank_batch_norm_backward.register_fake
+def _(dy, x, weight, mean, var, eps):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _save_for_backward(ctx, inputs, output):
+    x, weight, _, mean, var, eps = inputs
+    ctx.save_for_backward(x, weight, mean, var)
+    ctx.eps = eps
+
+
+def _batch_norm_backward(ctx, dy):
+    x, weight, mean, var = ctx.saved_tensors
+    dx, dweight, dbias = _cross_rank_batch_norm_backward(dy, x, weight, mean, var, ctx.eps)
+    return dx, dweight, dbias, None, None, None
+
+
+_cross_rank_batch_norm.register_autograd(_batch_norm_backward, setup_context=_save_for_backward)
 
 
 class CrossRankBatchNorm2d(nn.BatchNorm2d):
@@ -96,7 +141,7 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
 
     In a world of one it is torch's BatchNorm2d. Across ranks: one all_gather of per-rank
     statistics in the forward and one all_reduce of two per-channel sums in the backward, around
-    torch's own kernels (see `_CrossRankBatchNormFn`). Every rank must hold the same number of
+    torch's own kernels (see `_cross_rank_batch_norm`). Every rank must hold the same number of
     images, as `TrainBatches` guarantees.
     """
 
@@ -104,7 +149,8 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
         if not self.training or not _distributed():
             # A world of one: the global batch is this batch, and torch's fused kernel is faster.
             return super().forward(x)
-        mean, var, total = _global_stats_opaque(x.detach())
+        mean, var = _global_stats(x.detach())
+        total = x.numel() // x.shape[1] * dist.get_world_size()
         with torch.no_grad():
             self.num_batches_tracked += 1
             m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
@@ -112,17 +158,7 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
             unbiased = var * (total / max(total - 1, 1))
             self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
         weight, bias = self.weight.to(mean.dtype), self.bias.to(mean.dtype)
-        return _apply_opaque(x, weight, bias, mean, var, self.eps)
-
-
-# Compiled graphs call these as opaque ops (keep_eager_under_compile): the collectives, and the
-# per-step mask generator (a fresh generator per step, so compiled graphs never guard on the seed).
-def _global_stats_opaque(x):
-    return _global_stats(x)
-
-
-def _apply_opaque(x, weight, bias, mean, var, eps):
-    return _CrossRankBatchNormFn.apply(x, weight, bias, mean, var, eps)
+        return _cross_rank_batch_norm(x, weight, bias, mean, var, self.eps)
 
 
 def dropout_seed(seed: int, step: int) -> int:
@@ -139,36 +175,32 @@ class GlobalBatchDropout(nn.Dropout):
 
     def __init__(self, p: float = 0.5):
         super().__init__(p)
-        self._rows: tuple[int, int, int] | None = None
+        self._rows: tuple[int, int] | None = None  # (offset, global_rows): the same at every step
+        self._seed: torch.Tensor | None = None
 
     def set_rows(self, offset: int, global_rows: int, seed: int) -> None:
-        self._rows = (offset, global_rows, seed)
+        self._rows = (offset, global_rows)
+        # The seed changes every step: a tensor, so a compiled graph takes it as an input. As an int
+        # it would be guarded on, and every step would compile the model again. An op's integer is
+        # an int64 and the seed is below 2**64: the same bits, signed (`_keep_mask` undoes it).
+        self._seed = torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or self._rows is None:
             return super().forward(x)
-        return x * _keep_mask(x, self.p, *self._rows)
+        # x gives the mask's shape, dtype and device only: no gradient flows through a mask.
+        return x * _keep_mask(x.detach(), self.p, *self._rows, self._seed)
 
 
-def _keep_mask(x: torch.Tensor, p: float, offset: int, global_rows: int, seed: int) -> torch.Tensor:
+@torch.library.custom_op("nin_dist::global_batch_keep_mask", mutates_args=())
+def _keep_mask(x: torch.Tensor, p: float, offset: int, global_rows: int, seed: torch.Tensor) -> torch.Tensor:
     """This rank's rows of the global batch's mask, already scaled by 1 / (1 - p)."""
-    gen = torch.Generator(device=x.device).manual_seed(seed)
+    gen = torch.Generator(device=x.device).manual_seed(int(seed) % 2**64)
     noise = torch.rand((global_rows, *x.shape[1:]), generator=gen, device=x.device)
     keep = noise[offset: offset + x.shape[0]] >= p
     return keep.to(x.dtype) * (1.0 / (1.0 - p))
 
 
-_EAGER_UNDER_COMPILE = ("_global_stats_opaque", "_apply_opaque", "_keep_mask")
-
-
-def keep_eager_under_compile() -> None:
-    """Make torch.compile call the collectives and the mask generator above as opaque eager ops.
-
-    Called before a model is compiled rather than written as `@torch.compiler.disable` on each: that
-    decorator imports torch._dynamo, about a second of every process's start-up, compiled or not.
-    The layers look these functions up by name at each call, so the marked versions take effect."""
-    names = globals()
-    for name in _EAGER_UNDER_COMPILE:
-        if not getattr(names[name], "_keeps_eager", False):
-            names[name] = torch.compiler.disable(names[name])
-            names[name]._keeps_eager = True
+@_keep_mask.register_fake
+def _(x, p, offset, global_rows, seed):
+    return x.new_empty(x.shape)  # contiguous, as the slice of `noise` is

@@ -9,7 +9,8 @@
 - `off`: neither (the per-epoch lines stay).
 - `auto` (the default): `bar` when stderr is a terminal, else `lines`.
 
-Other ranks show nothing. The loss comes from the trainer's log step, its one host sync.
+The total is the steps the run will do: train.epochs' worth, or train.max_steps when fewer. Other
+ranks show nothing. The loss comes from the trainer's log step, its one host sync.
 """
 
 from __future__ import annotations
@@ -35,18 +36,29 @@ def resolve(mode: str, stream=None) -> str:
 
 
 class Progress:
-    """Steps done of `total` (from `initial`, on a resume), shown as `mode` says on the main rank."""
+    """Steps done of `total` (from `initial`, on a resume), shown as `mode` says on the main rank.
 
-    def __init__(self, mode: str, total: int, initial: int, main: bool):
+    The pace (the bar's rate, the time left) is that of the steps after this process's first: the
+    first compiles (train.compile) and warms up, and can take minutes that no later step takes. So
+    the bar starts once that step is done, and until a second step is done the time left is `?`.
+    `clock` is the time in seconds (`time.perf_counter`; tests give their own).
+    """
+
+    def __init__(self, mode: str, total: int, initial: int, main: bool, clock=time.perf_counter):
         self.mode = resolve(mode) if main else "off"
-        self.total, self.start, self.done = total, initial, initial
-        self.started = time.perf_counter()
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True) if self.mode == "bar" else None
+        self.total, self.done = max(total, initial), initial
+        self.clock = clock
+        self.paced_from: tuple[int, float] | None = None  # (steps done, clock) when the first step ended
+        self.bar: tqdm | None = None
 
     def update(self) -> None:
         """One more step done."""
         self.done += 1
-        if self.bar is not None:
+        if self.paced_from is None:
+            self.paced_from = (self.done, self.clock())
+            if self.mode == "bar":
+                self.bar = tqdm(total=self.total, initial=self.done, unit="step", dynamic_ncols=True)
+        elif self.bar is not None:
             self.bar.update(1)
 
     def report(self, loss: float, img_per_s: float) -> None:
@@ -55,14 +67,14 @@ class Progress:
             self.bar.set_postfix_str(f"loss {loss:.4f}, {img_per_s:.0f} img/s")
         elif self.mode == "lines":
             log.info("step %d/%d (%.0f%%)  loss %.4f  %.0f img/s  %s left", self.done, self.total,
-                     100 * self.done / max(1, self.total), loss, img_per_s, self._left())
+                     100 * self.done / max(1, self.total), loss, img_per_s, self.left())
 
-    def _left(self) -> str:
-        """The time left at the pace of the steps done since this process started, as h:mm:ss."""
-        steps = self.done - self.start
-        seconds = (self.total - self.done) * (time.perf_counter() - self.started) / steps if steps else 0.0
-        minutes, secs = divmod(int(seconds), 60)
-        return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+    def left(self) -> str:
+        """The time left at the pace since the first step, as tqdm writes intervals (`1:02:05`, `00:59`)."""
+        if self.paced_from is None or self.done == self.paced_from[0]:
+            return "?"
+        steps, seconds = self.done - self.paced_from[0], self.clock() - self.paced_from[1]
+        return tqdm.format_interval((self.total - self.done) * seconds / steps)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -37,7 +37,7 @@ from nin_dist.data import TrainBatches, hold_out, load_datasets
 from nin_dist.distributed import DistInfo
 from nin_dist.ema import WeightEMA
 from nin_dist.errors import CheckpointError, ConfigError, DivergedError, UserError, first_line, report
-from nin_dist.layers import dropout_seed, keep_eager_under_compile
+from nin_dist.layers import dropout_seed
 from nin_dist.logs import init_logging
 from nin_dist.model import build_model
 from nin_dist.optim import apply_hyperparameters, build_optimizer, build_scheduler, state_is_finite
@@ -84,7 +84,6 @@ class Trainer:
                                          self.step)
         self.model = distributed.wrap_ddp(self.raw_model, info, cfg.train.bucket_cap_mb)
         if cfg.train.compile:
-            keep_eager_under_compile()
             self.model = torch.compile(self.model)
         tags = {"world_size": str(info.world_size), "nodes": str(info.num_nodes), "backend": info.backend or "none",
                 "device_name": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
@@ -125,7 +124,8 @@ class Trainer:
         results, predictions = {}, None
         self.tracker.log_metrics(self.info.metrics(), self.step)  # where this attempt starts
         attempt_start = self.step
-        progress = Progress(cfg.train.progress, batches.steps_per_epoch * cfg.train.epochs, self.step, info.is_main)
+        progress = Progress(cfg.train.progress, min(batches.steps_per_epoch * cfg.train.epochs, max_steps),
+                            self.step, info.is_main)
         while self.epoch < cfg.train.epochs and self.step < max_steps:
             t0, images = time.perf_counter(), 0
             sums = torch.zeros(3, device=info.device, dtype=torch.float64)  # loss sum, correct, images
@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             init_logging(0)
             return sync(Path(args.sync_tracking))
         cfg = load_config(args.config, args.overrides)
-        info = distributed.init_distributed(cfg.train.device, cfg.train.threads, cfg.train.dist_timeout_s)
+        info = distributed.init_distributed(cfg.train.device, cfg.train.threads, cfg.train.dist_timeout_s,
+                                            cfg.train.compile)
         init_logging(info.rank)
         check_world(cfg, info)
         cfg = resolve_run(precision.resolve_config(cfg, info.device))

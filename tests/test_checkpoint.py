@@ -79,9 +79,9 @@ def test_load_is_weights_only(tmp_path):
         ckpt.load(path)
 
 
-def _state(config: dict, digest: str) -> dict:
+def _state(config: dict, digest: str, step: int = 5) -> dict:
     return {ckpt.MODEL: {"w": torch.zeros(2)}, ckpt.OPTIMIZER: {}, ckpt.SCALER: {}, ckpt.RNG: ckpt.rng_state(),
-            ckpt.EPOCH: 0, ckpt.EPOCH_STEP: 0, ckpt.STEP: 0, ckpt.CONFIG: config, ckpt.CONFIG_HASH: digest}
+            ckpt.EPOCH: 0, ckpt.EPOCH_STEP: step, ckpt.STEP: step, ckpt.CONFIG: config, ckpt.CONFIG_HASH: digest}
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
@@ -95,6 +95,15 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
                                               r"run.allow_config_change=true"):
         checkpointer.load_for_resume("bbbb", {"optim.lr": 0.2, "model.width": 0.5}, allow_change=False)
     assert checkpointer.load_for_resume("bbbb", {"optim.lr": 0.2}, allow_change=True) is not None
+
+
+def test_a_start_of_another_config_is_no_state_to_resume(tmp_path):
+    """The checkpoint saved before step 1 holds nothing trained: another config starts afresh (None)."""
+    checkpointer = ckpt.Checkpointer(tmp_path, WORLD_OF_ONE)
+    checkpointer.save(_state({"optim.lr": 1e30}, "aaaa", step=0))
+    assert checkpointer.load_for_resume("aaaa", {"optim.lr": 1e30}, allow_change=False)[ckpt.STEP] == 0
+    for allow_change in (False, True):
+        assert checkpointer.load_for_resume("bbbb", {"optim.lr": 0.1}, allow_change=allow_change) is None
 
 
 def test_an_unreadable_checkpoint_is_a_user_error(tmp_path):

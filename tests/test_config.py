@@ -17,6 +17,7 @@ from nin_dist.config import (
     ModelConfig,
     all_keys,
     config_hash,
+    default_dist_timeout_s,
     flatten,
     load_config,
 )
@@ -174,6 +175,18 @@ def test_unreadable_config_path_is_one_config_error(tmp_path, make, message):
         load_config(make(tmp_path))
 
 
+def test_the_dist_timeout_default_follows_what_a_step_does():
+    """null: two minutes for an eager step on a CPU, ten on a GPU (Triton JIT, nccl set-up), half an hour
+    where the first step waits for the slowest rank's cold torch.compile (on a CPU alone it can pass 120 s)."""
+    assert default_dist_timeout_s(compile=False, device_type="cpu") == 120
+    assert default_dist_timeout_s(compile=False, device_type="cuda") == 600
+    assert default_dist_timeout_s(compile=True, device_type="cpu") == default_dist_timeout_s(True, "cuda") == 1800
+    assert load_config(None, []).train.dist_timeout_s is None  # resolved at start-up, once the device is known
+
+
+DIST_TIMEOUT_RANGE = "null (120 s on a CPU, 600 s on a GPU, 1800 s with train.compile) or 1 to 86400 seconds"
+
+
 @pytest.mark.parametrize("override, allowed", [
     *[(f"{key}={value}", "a finite number") for key in FLOAT_KEYS for value in ("inf", "-inf", "nan", "1e400")],
     ("model.width=1e9", "a positive multiplier up to 16"),
@@ -193,10 +206,10 @@ def test_unreadable_config_path_is_one_config_error(tmp_path, make, message):
     (f"train.eval_batch_size={10**30}", "a batch from 1 to 60000"),
     (f"train.threads={2**31}", "null or 1 to 1024"),
     ("train.bucket_cap_mb=1e300", "a positive size in MiB up to 65536"),
-    ("train.dist_timeout_s=0", "null (120 s on CPU, 600 s on GPU) or 1 to 86400 seconds"),
-    ("train.dist_timeout_s=0.5", "null (120 s on CPU, 600 s on GPU) or 1 to 86400 seconds"),
-    ("train.dist_timeout_s=-1", "null (120 s on CPU, 600 s on GPU) or 1 to 86400 seconds"),
-    ("train.dist_timeout_s=1e6", "null (120 s on CPU, 600 s on GPU) or 1 to 86400 seconds"),
+    ("train.dist_timeout_s=0", DIST_TIMEOUT_RANGE),
+    ("train.dist_timeout_s=0.5", DIST_TIMEOUT_RANGE),
+    ("train.dist_timeout_s=-1", DIST_TIMEOUT_RANGE),
+    ("train.dist_timeout_s=1e6", DIST_TIMEOUT_RANGE),
     ("train.dist_timeout_s=inf", "a finite number"),
     (f"data.train_limit={10**30}", "null or a count from 1 to 60000"),
     ("data.test_limit=10001", "null or a count from 1 to 10000"),

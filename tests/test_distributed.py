@@ -94,6 +94,7 @@ def test_progress_bar_and_epoch_lines_on_rank_0_only(reference):
     steps = 2 * STEPS_PER_EPOCH
     assert re.search(rf"{steps}/{steps} \[.*loss \d\.\d{{4}}, \d+ img/s\]", rank0)
     assert len(re.findall(r"\[rank 0\] epoch \d/2  train loss .* MFU [\d.]+%", rank0)) == 2
+    assert "a lost peer is found after 120 s" in rank0  # train.dist_timeout_s's default: eager, on a CPU
     assert "img/s" not in rank1 and "epoch 1/2" not in rank1, rank1[-2000:]
 
 
@@ -241,6 +242,74 @@ def test_global_batch_dropout_rows_of_two_ranks_make_the_one_rank_mask():
         halves.append(layer(x[4 * rank: 4 * rank + 4]))
     assert torch.equal(torch.cat(halves), whole(x))
     assert 0.1 < (whole(x) == 0).float().mean() < 0.5 and torch.equal(whole.eval()(x), x)
+
+
+# One rank of a world of 2: a plain torch.compile(NiN) (no trainer) with a backend that records the
+# forward and backward graphs it is given, 2 steps with a new dropout seed each, against an eager copy.
+_COMPILE_RANK = """
+import json, torch, torch.distributed as dist
+from torch._dynamo.backends.common import aot_autograd
+from nin_dist.config import ModelConfig
+from nin_dist.model import NiN
+
+dist.init_process_group("gloo")
+cfg = ModelConfig(width=0.05, dropout=0.5, batchnorm=True, stem_kernel=5, stem_stride=1, stem_padding=2)
+eager, net = NiN(cfg), NiN(cfg)
+net.load_state_dict(eager.state_dict())
+graphs, frames = {"fw": [], "bw": []}, []
+
+def keep(kind):
+    def compiler(gm, example_inputs):
+        graphs[kind].append(gm)
+        return gm.forward
+    return compiler
+
+def backend(gm, example_inputs):
+    frames.append(gm)
+    return aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw"))(gm, example_inputs)
+
+compiled, rank = torch.compile(net, backend=backend), dist.get_rank()
+x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(rank))
+for step in range(2):
+    outs = []
+    for model, module in ((eager, eager), (compiled, net)):
+        module.set_dropout_rows(2 * rank, 4, seed=2**64 - 1 - step)  # the largest seeds torch takes
+        y = model(x)
+        y.square().sum().backward()
+        outs.append([y.detach()] + [p.grad.clone() for p in module.parameters()])
+        module.zero_grad()
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+ops = {kind: sorted({str(n.target) for g in gms for n in g.graph.nodes if n.op == "call_function"})
+       for kind, gms in graphs.items()}
+if rank == 0:
+    print("RESULT " + json.dumps({"frames": len(frames), "ops": ops}))
+dist.destroy_process_group()
+"""
+
+
+def test_a_plain_compiled_nin_keeps_the_collectives_and_the_mask_generator_opaque():
+    """torch.compile of the bare model, not through the trainer, in a world of 2: one graph for both
+    steps (no graph break at the dropout's generator, no recompile for its seed), each collective
+    and the mask one op of ours, and nothing traced from inside them (no c10d functional
+    collectives, no rand); the compiled steps compute what the eager ones do."""
+    port = free_port()
+    procs = [start([sys.executable, "-c", _COMPILE_RANK],
+                   env=env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)))
+             for rank in (0, 1)]
+    results = [finish(proc, timeout=180) for proc in procs]
+    assert all(rc == 0 for rc, _ in results), "\n".join(out[-3000:] for _, out in results)
+    found = re.search(r"^RESULT (.*)$", results[0][1], re.M)
+    assert found, results[0][1][-3000:]
+    report = json.loads(found.group(1))
+    assert report["frames"] == 1, report
+    forward, backward = report["ops"]["fw"], report["ops"]["bw"]
+    assert {"nin_dist.global_batch_stats.default", "nin_dist.cross_rank_batch_norm.default",
+            "nin_dist.global_batch_keep_mask.default"} <= set(forward), forward
+    assert "nin_dist.cross_rank_batch_norm_backward.default" in backward, backward
+    traced = [op for op in forward + backward if "c10d" in op or "rand" in op]
+    assert not traced, traced
 
 
 # --------------------------------------------------------------------------- GPU (skipped without CUDA)

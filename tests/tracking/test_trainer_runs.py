@@ -137,6 +137,46 @@ def test_restart_continues_the_same_run(tmp_path):
     assert run.data.params["train.max_steps"] == "1", "params keep their first value"
 
 
+def test_a_start_that_failed_in_step_1_is_resumed_or_started_afresh_with_a_fixed_config(tmp_path, sqlite_uri,
+                                                                                         capsys):
+    """The checkpoint before step 1 carries the run (its MLflow run id): the same job restarted resumes
+    it. It holds no step of training, so it does not hold the config: a fixed config (a sane lr, and
+    another seed) starts afresh in that folder, with no run.allow_config_change, in an MLflow run of its
+    own: MLflow keeps a run's first params, so the failed run would show the lr that failed."""
+    from helpers import assert_bit_identical, overrides, train_in_process
+
+    from nin_dist import checkpoint as ckpt
+
+    def last(folder: Path) -> dict:
+        return torch.load(folder / "checkpoints" / "last.pt", weights_only=True)
+
+    out = tmp_path / "run"
+    tiny = {"data__train_limit": 128, "data__test_limit": 200, "train__batch_size": 16, "train__epochs": 2}
+    tracked = {"tracking__enabled": True, "tracking__uri": sqlite_uri, "tracking__system_metrics": False,
+               "tracking__log_model": False, "train__log_every": 1}
+    failing = overrides(out, **tiny, **tracked, optim__lr=1e30, seed=1)
+    assert train_in_process(failing) == 2  # NaN at step 2's loss check; last.pt is the start's
+    start = last(out)
+    assert start[ckpt.STEP] == 0 and start[ckpt.MLFLOW_RUN_ID]
+    assert train_in_process(failing) == 2  # the same job again: it resumes its start, in its MLflow run
+    assert last(out)[ckpt.MLFLOW_RUN_ID] == start[ckpt.MLFLOW_RUN_ID]
+    capsys.readouterr()
+
+    assert train_in_process(overrides(out, **tiny, **tracked, train__max_steps=1)) == 0
+    err = capsys.readouterr().err
+    assert "holds no step of training and was written by a different config (changed: optim.lr, seed)" in err, err
+    assert "resuming from" not in err
+    fixed = last(out)
+    assert fixed[ckpt.STEP] == 1 and fixed[ckpt.MLFLOW_RUN_ID] != start[ckpt.MLFLOW_RUN_ID]
+    assert train_in_process(overrides(tmp_path / "fresh", **tiny, train__max_steps=1)) == 0
+    assert_bit_identical(fixed[ckpt.MODEL], last(tmp_path / "fresh")[ckpt.MODEL])  # as in a new folder
+    client = MlflowClient(sqlite_uri)
+    failed, trained = client.get_run(start[ckpt.MLFLOW_RUN_ID]), client.get_run(fixed[ckpt.MLFLOW_RUN_ID])
+    assert (failed.info.status, failed.data.params["optim.lr"], failed.data.params["seed"]) == ("FAILED", "1e+30", "1")
+    assert (trained.info.status, trained.data.params["optim.lr"], trained.data.params["seed"]) == ("FINISHED", "0.05",
+                                                                                                   "0")
+
+
 def test_tracking_disabled_never_imports_mlflow(tmp_path):
     code = ("import sys\n"
             "from nin_dist.train import main\n"
