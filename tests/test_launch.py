@@ -4,6 +4,7 @@ the PyTorchJob is checked in test_pytorchjob.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -226,6 +227,19 @@ def _all_gone(pids: list[int], within: float = 5) -> list[int]:
     return left
 
 
+@contextlib.contextmanager
+def _listening():
+    """A listening socket on IPv6 loopback, where there is one (its endpoint in brackets, which the
+    watch once kept and so probed nothing), else on 127.0.0.1; and its endpoint."""
+    try:
+        server = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        server = socket.create_server(("127.0.0.1", 0))
+    with server:
+        host, port = server.getsockname()[:2]
+        yield server, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+
 def test_multinode_ends_torchrun_and_its_workers_when_the_rendezvous_stops_answering(tmp_path):
     """A stand-in for a cut-off node: torchrun ignoring SIGTERM (as when blocked in a store read) and
     starting a worker every 0.2 s (restarts), each in a session of its own with a process three levels
@@ -238,15 +252,14 @@ def test_multinode_ends_torchrun_and_its_workers_when_the_rendezvous_stops_answe
                 '  echo "worker $!"\n'
                 "  sleep 0.2\n"
                 "done")
-    with socket.create_server(("127.0.0.1", 0)) as rendezvous:
-        port = rendezvous.getsockname()[1]
+    with _listening() as (rendezvous, endpoint):
         node = start(["bash", str(LAUNCH / "multinode.sh")], env=_stub_env(tmp_path, torchrun, NNODES="2",
-                     NPROC_PER_NODE="1", RDZV_ID="nin-42", RDZV_ENDPOINT=f"127.0.0.1:{port}", CUT_OFF_S="1"))
+                     NPROC_PER_NODE="1", RDZV_ID="nin-42", RDZV_ENDPOINT=endpoint, CUT_OFF_S="1"))
         rendezvous.settimeout(30)
         rendezvous.accept()[0].close()  # the first probe: the rendezvous has answered
     started = time.monotonic()
     rc, text = finish(node, timeout=60)
-    assert rc == 1 and f"the rendezvous 127.0.0.1:{port} was unreachable for" in text, text
+    assert rc == 1 and f"the rendezvous {endpoint} was unreachable for" in text, text
     assert time.monotonic() - started < 10, text  # CUT_OFF_S=1 and a probe every 2 s
     pids = [int(pid) for pid in re.findall(r"(?:torchrun|worker|deep) (\d+)", text)]
     assert len(re.findall(r"deep \d+", text)) >= 2, text
