@@ -115,7 +115,7 @@ def end_all(agent: subprocess.Popen) -> list[int]:
         for process in left:
             with contextlib.suppress(psutil.Error):
                 process.kill()
-        _reap()
+        _reap(agent)
         time.sleep(0.05)
 
 
@@ -126,11 +126,13 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
-def _reap() -> None:
-    """Collect the exit of every orphan re-parented here (we are their subreaper)."""
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
+def _reap(agent: subprocess.Popen) -> None:
+    """Collect the exit of every orphan re-parented here (we are their subreaper), so none stays a
+    zombie for the job's life; torchrun's own exit is left to `agent`, which reads its code."""
+    for child in psutil.Process().children():
+        if child.pid != agent.pid:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child.pid, os.WNOHANG)
 
 
 def say(message: str) -> None:
@@ -151,7 +153,11 @@ def supervise(cmd: list[str], watch: RendezvousWatch) -> int:
             f"without reaching it end this node's torchrun and workers (probed every {PROBE_S:g} s)"
             + ("" if subreaper else "; no child subreaper here (not Linux): workers whose torchrun died may "
                "be missed"))
+    next_reap = 0.0
     while agent.poll() is None:
+        if time.monotonic() >= next_reap:
+            next_reap = time.monotonic() + PROBE_S
+            _reap(agent)
         silent = watch.silent_for()
         if silent is not None:
             say(f"error: the rendezvous {watch.endpoint} was unreachable for {silent:.0f} s "
@@ -160,7 +166,7 @@ def supervise(cmd: list[str], watch: RendezvousWatch) -> int:
             if left := end_all(agent):
                 say(f"error: processes {left} did not end within {END_WITHIN_S:g} s of SIGKILL")
             return 1
-        time.sleep(POLL_S)  # a signal's handler runs when the sleep is interrupted
+        time.sleep(POLL_S)  # a forwarded signal is passed on at once: its handler runs during the sleep
     code = agent.returncode
     if left := [p.pid for p in psutil.Process().children(recursive=True) if _alive(p)]:
         say(f"torchrun exited ({code}) leaving processes {left}: ending them")

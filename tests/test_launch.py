@@ -267,15 +267,20 @@ def test_multinode_ends_torchrun_and_its_workers_when_the_rendezvous_stops_answe
 
 
 def test_multinode_killed_takes_torchrun_with_it(tmp_path):
-    """SIGKILL of the script (SLURM's or Kubernetes' escalation) ends torchrun too, by its SIGTERM."""
-    torchrun = "trap 'exit 143' TERM\n" 'echo "torchrun $$"\n' "while :; do sleep 0.1; done"
-    node = start(["bash", str(LAUNCH / "multinode.sh")], env=_stub_env(tmp_path, torchrun, NNODES="2",
-                 NPROC_PER_NODE="1", RDZV_ID="nin-42", CUT_OFF_S="0"))
-    try:
-        while not (line := node.stdout.readline()).startswith("torchrun "):
-            assert line, finish(node, 5)[1]
-        agent = int(line.split()[1])
-        os.kill(node.pid, signal.SIGKILL)
-        assert not _all_gone([agent]), "torchrun outlived the script"
-    finally:
-        finish(node, timeout=10)
+    """SIGTERM to the script reaches torchrun (which stops its workers) and the script exits with
+    torchrun's code; SIGKILL of the script (SLURM's or Kubernetes' escalation) ends torchrun too, by
+    its SIGTERM."""
+    torchrun = "trap 'echo \"torchrun got TERM\"; exit 143' TERM\n" 'echo "torchrun $$"\n' "while :; do sleep 0.1; done"
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        node = start(["bash", str(LAUNCH / "multinode.sh")], env=_stub_env(tmp_path, torchrun, NNODES="2",
+                     NPROC_PER_NODE="1", RDZV_ID="nin-42", CUT_OFF_S="0"))
+        try:
+            while not (line := node.stdout.readline()).startswith("torchrun "):
+                assert line, finish(node, 5)[1]
+            agent = int(line.split()[1])
+            os.kill(node.pid, signum)
+            assert not _all_gone([agent]), f"torchrun outlived the script's {signum.name}"
+        finally:
+            rc, text = finish(node, timeout=10)
+        assert "torchrun got TERM" in text, text
+        assert rc == (143 if signum == signal.SIGTERM else -signal.SIGKILL), (rc, text)
