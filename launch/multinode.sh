@@ -16,7 +16,8 @@
 # Settings (environment):
 #   NNODES          node count, or MIN:MAX for an elastic job (default 2)
 #   NPROC_PER_NODE  processes on this node (default: one per visible GPU, else 1)
-#   RDZV_ENDPOINT   host:port of the rendezvous, reachable from every node (default 127.0.0.1:29400)
+#   RDZV_ENDPOINT   host:port of the rendezvous, reachable from every node (default 127.0.0.1:29400);
+#                   the host is a name or an address, an IPv6 address in brackets ([fd00::1]:29400)
 #   RDZV_ID         one id per job, the same on every node
 #   MAX_RESTARTS    failures this node's torchrun restarts its workers after (default 10). A lost node
 #                   costs every other node one restart, a node joining costs none: 10 outlasts several
@@ -25,15 +26,17 @@
 #                   a node with several addresses (a multi-homed host, a network namespace): torchrun
 #                   otherwise names the node by its host name, which may resolve elsewhere. With
 #                   LOCAL_ADDR the script also says whether this node hosts the rendezvous (is_host=1
-#                   when LOCAL_ADDR is RDZV_ENDPOINT's host, else 0), where torchrun's own guess fails
-#                   ("The connection to the C10d store has failed").
+#                   when LOCAL_ADDR and RDZV_ENDPOINT's host resolve to a common address, so a host
+#                   name and an address match; else 0), where torchrun's own guess fails ("The
+#                   connection to the C10d store has failed"). If either does not resolve here
+#                   (getent ahosts), is_host is left to torchrun, and the script says so.
 #   RDZV_CONF       extra --rdzv-conf entries, key=value[,key=value...] (e.g. is_host=1,
 #                   keep_alive_interval=2). They come after the script's own entries, so they win:
 #                   last_call_timeout=10 (torchrun: 30; how long a rendezvous that has MIN nodes waits
 #                   for more), plus is_host with LOCAL_ADDR.
 #   CUT_OFF_S       seconds this node may fail to reach RDZV_ENDPOINT (once it has reached it) before
 #                   it ends its torchrun and workers itself and exits 1 (default 120; 0 = never). A
-#                   node cut off from the network otherwise hangs for many minutes (see the watch
+#                   node cut off from the network otherwise hangs for many minutes (see the supervisor
 #                   below). It is probed every 2 s: the node ends about CUT_OFF_S + 5 s after the cut.
 #   GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME
 #                   the interface the process groups use (gloo on CPU, nccl on GPU), e.g. eth1;
@@ -53,7 +56,8 @@
 #   NNODES=2 NPROC_PER_NODE=1 RDZV_ENDPOINT=127.0.0.1:29500 RDZV_ID=nin-local-1 launch/multinode.sh \
 #       --config configs/cpu.yaml train.device=cpu &   # and the same again in a second shell
 #
-# Arguments go to nin-train unchanged: options, then dotted key=value overrides.
+# Arguments go to nin-train unchanged: options, then dotted key=value overrides. The config they make
+# is checked once before torchrun starts: a wrong one ends the node at once (exit 2).
 set -euo pipefail
 
 # shellcheck source=SCRIPTDIR/gpus.sh
@@ -67,7 +71,6 @@ MAX_RESTARTS=${MAX_RESTARTS:-10}               # failures restarted after; a los
 LOCAL_ADDR=${LOCAL_ADDR:-}                     # this node's address for the others; empty: its host name
 RDZV_CONF=${RDZV_CONF:-}                       # extra --rdzv-conf key=value entries; they win
 CUT_OFF_S=${CUT_OFF_S:-120}                    # rendezvous unreachable this long: end this node; 0 = never
-PROBE_S=2                                      # seconds between probes of the rendezvous, and each one's limit
 
 if [[ -z "$RDZV_ID" ]]; then
   if [[ "$NNODES" != 1 ]]; then
@@ -86,13 +89,46 @@ rdzv_port=${RDZV_ENDPOINT##*:}
 if [[ "$RDZV_ENDPOINT" != *:* ]]; then
   rdzv_port=29400                              # torchrun's default port for c10d
 fi
+rdzv_host=${rdzv_host#[}                       # an IPv6 endpoint is [address]:port
+rdzv_host=${rdzv_host%]}
+if [[ -z "$rdzv_host" || ! "$rdzv_port" =~ ^[0-9]+$ ]]; then
+  echo "multinode.sh: error: RDZV_ENDPOINT=$RDZV_ENDPOINT is not allowed: host:port (an IPv6 address as" \
+    "[address]:port)" >&2
+  exit 2
+fi
+
+# A wrong config fails every attempt the same way: found here, once, it ends the node at once with
+# nin-train's one line and exit 2, instead of torchrun restarting it MAX_RESTARTS times on every node.
+python3 -m nin_dist.train_args "$@" || exit $?
+
+addresses() {  # the addresses a host name (or address) resolves to, one a line; nothing if it does not
+  local address _
+  getent ahosts "$1" 2>/dev/null | while read -r address _; do echo "$address"; done | sort -u
+}
 
 # The script's own rendezvous settings, then RDZV_CONF: torchrun keeps the last value of a key.
 conf="last_call_timeout=10"
 local_addr=()
 if [[ -n "$LOCAL_ADDR" ]]; then
   local_addr=(--local-addr="$LOCAL_ADDR")
-  if [[ "$LOCAL_ADDR" == "$rdzv_host" ]]; then conf+=",is_host=1"; else conf+=",is_host=0"; fi
+  # This node hosts the rendezvous when LOCAL_ADDR and RDZV_ENDPOINT's host are one machine: compared
+  # by address, so that a host name and an address of the same node match.
+  ours=$(addresses "$LOCAL_ADDR" || true)
+  theirs=$(addresses "$rdzv_host" || true)
+  if [[ -z "$ours" ]]; then
+    echo "multinode.sh: is_host left to torchrun's guess: LOCAL_ADDR=$LOCAL_ADDR does not resolve here" >&2
+  elif [[ -z "$theirs" ]]; then
+    echo "multinode.sh: is_host left to torchrun's guess: RDZV_ENDPOINT's host $rdzv_host does not resolve" \
+      "here" >&2
+  elif [[ -n $(comm -12 <(echo "$ours") <(echo "$theirs")) ]]; then
+    conf+=",is_host=1"
+    echo "multinode.sh: this node hosts the rendezvous (is_host=1): LOCAL_ADDR=$LOCAL_ADDR is $rdzv_host" \
+      "($(echo "$theirs" | paste -sd ' '))" >&2
+  else
+    conf+=",is_host=0"
+    echo "multinode.sh: this node joins the rendezvous on $rdzv_host ($(echo "$theirs" | paste -sd ' '))" \
+      "(is_host=0): LOCAL_ADDR=$LOCAL_ADDR is not one of its addresses" >&2
+  fi
 fi
 conf+="${RDZV_CONF:+,$RDZV_CONF}"
 # Each attempt's rank 0 serves its process group a store of its own instead of the agents sharing
@@ -103,60 +139,13 @@ for name in GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; do
   if [[ -n "${!name:-}" ]]; then export "${name?}"; else unset "$name"; fi  # empty would name no interface
 done
 
-torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --rdzv-backend=c10d \
+# torchrun under a supervisor (nin_dist/node_supervisor.py), which takes this script's pid: signals to
+# the script reach torchrun, torchrun ends with it (even on SIGKILL), and it watches the rendezvous. A
+# node cut off from the network otherwise hangs for many minutes in a store call of torchrun that only
+# something outside torchrun can end: once the rendezvous has answered, CUT_OFF_S seconds without
+# reaching it end torchrun and every process under it, and the script exits 1. It says at the start
+# whether the watch is armed.
+exec python3 -m nin_dist.node_supervisor --host="$rdzv_host" --port="$rdzv_port" --cut-off-s="$CUT_OFF_S" -- \
+  torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --rdzv-backend=c10d \
   --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RDZV_ID" --rdzv-conf="$conf" "${local_addr[@]}" \
-  --max-restarts="$MAX_RESTARTS" -m nin_dist.train "$@" &
-agent=$!
-trap 'kill -TERM "$agent" 2>/dev/null || true' TERM INT HUP  # torchrun stops its workers and exits
-
-# The watch. A node cut off from the network hangs: its workers wait out train.dist_timeout_s, and
-# its torchrun blocks in a call to the unreachable rendezvous store (its heartbeat holds a lock that
-# the monitoring loop waits for) until TCP gives up, many minutes later; it does not even notice that
-# its workers have ended. Only something outside torchrun can end it, so this script does: once the
-# rendezvous has answered, CUT_OFF_S seconds without reaching it end torchrun and its workers with
-# SIGKILL (SIGTERM reaches torchrun only between its store calls, and the workers run in sessions of
-# their own, so a signal to torchrun's process group would miss them).
-reachable() {  # a TCP connection to the rendezvous store, opened and closed
-  # shellcheck disable=SC2016  # $1 and $2 are the inner bash's arguments
-  timeout "$PROBE_S" bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$rdzv_host" "$rdzv_port" 2>/dev/null
-}
-children() {  # the pids whose parent is $1, read from /proc
-  local stat fields rest
-  for stat in /proc/[0-9]*/stat; do
-    read -r fields 2>/dev/null < "$stat" || continue
-    rest=${fields##*) }                        # the fields after the command name, which may hold spaces
-    if [[ "${rest#* }" == "$1 "* ]]; then
-      fields=${stat#/proc/}
-      echo "${fields%/stat}"
-    fi
-  done
-}
-end_node() {
-  local workers
-  workers=$(children "$agent")                 # before torchrun dies and init adopts them
-  kill -KILL "$agent" 2>/dev/null || true
-  for pid in $workers $(for w in $workers; do children "$w"; done); do
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-}
-
-last_reached=''                                # SECONDS when the rendezvous last answered
-next_probe=0
-while kill -0 "$agent" 2>/dev/null; do
-  if (( CUT_OFF_S > 0 && SECONDS >= next_probe )); then
-    next_probe=$((SECONDS + PROBE_S))
-    if reachable; then
-      last_reached=$SECONDS
-    elif [[ -n "$last_reached" ]] && (( SECONDS - last_reached >= CUT_OFF_S )); then
-      echo "multinode.sh: error: the rendezvous $RDZV_ENDPOINT was unreachable for $((SECONDS - last_reached)) s" \
-        "(CUT_OFF_S=$CUT_OFF_S); this node left the job: torchrun (pid $agent) and its workers ended" >&2
-      end_node
-      wait "$agent" 2>/dev/null || true
-      exit 1
-    fi
-  fi
-  sleep 0.2                                    # short: a signal's trap runs when the sleep ends
-done
-status=0
-wait "$agent" || status=$?
-exit "$status"
+  --max-restarts="$MAX_RESTARTS" -m nin_dist.train "$@"

@@ -39,18 +39,19 @@ class DistInfo:
     backend: str | None  # None for a world of one without a process group
     timeout_s: float = 0.0  # the process group's timeout, seconds (0 without a process group)
     restarts: int = 0  # TORCHELASTIC_RESTART_COUNT: failed attempts this node's torchrun has restarted
+    # GROUP_WORLD_SIZE: the nodes (torchrun agents) in this attempt. Not world_size // local_world_size,
+    # which is wrong when nodes run different process counts (2 + 1 processes are 2 nodes, not 1 or 3).
+    num_nodes: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def num_nodes(self) -> int:
-        return max(1, self.world_size // max(1, self.local_world_size))
-
     def metrics(self) -> dict[str, float]:
-        """The world this attempt trains in: processes, and the failures rank 0's torchrun restarted after
-        (a node joining restarts the workers too, without counting)."""
+        """The world this attempt trains in: processes, and `dist/restarts`, the failures that the torchrun
+        of rank 0's node has restarted its workers after. That is the job's count while every node has been
+        in it from the start; a node that joined later counts from its arrival, and a node joining restarts
+        the workers without counting."""
         return {"dist/world_size": self.world_size, "dist/restarts": self.restarts}
 
     def describe(self) -> str:
@@ -94,7 +95,8 @@ def init_distributed(device: str = "auto", threads: int | None = None, timeout_s
                                 store=_attempt_store(world_size, timeout),
                                 device_id=dev if dev.type == "cuda" else None)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    return DistInfo(rank, local_rank, world_size, local_world_size, dev, backend, seconds, restarts)
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
+    return DistInfo(rank, local_rank, world_size, local_world_size, dev, backend, seconds, restarts, nodes)
 
 
 def _attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:

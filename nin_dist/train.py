@@ -18,7 +18,6 @@ overwrites the last good checkpoint. Exit codes: 0 done, 2 user error (one line)
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import signal
@@ -48,6 +47,7 @@ from nin_dist.run_dir import RunDir, open_run_dir, resolve_run
 from nin_dist.scoring import Scorer
 from nin_dist.step import accumulate, train_step
 from nin_dist.tracking import make_tracker, sync
+from nin_dist.train_args import parse_args  # torch-free: launch/multinode.sh checks the arguments with it
 
 log = logging.getLogger("nin_dist.train")
 
@@ -254,15 +254,6 @@ def check_world(cfg: Config, info: DistInfo) -> None:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the world size "
                           f"{info.world_size} (it is the global batch)")
     check_device(cfg.train, info.device)
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="nin-train", description="Train NiN on Fashion-MNIST (see module doc).")
-    parser.add_argument("--config", help="YAML config (configs/cpu.yaml, configs/d2l.yaml, configs/fast.yaml)")
-    parser.add_argument("--sync-tracking", metavar="RUN_DIR",
-                        help="replay the MLflow data a run could not send into its run, then exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return parser.parse_args(argv)
 
 
 @record

@@ -16,9 +16,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -133,33 +134,39 @@ def standalone(nproc: int, train_args: list[str], timeout: float = 180, extra: l
 
 
 def children(pid: int) -> list[int]:
-    """The pids whose parent is `pid` (torchrun's workers), read from /proc."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended while we looked
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
+    """The pids whose parent is `pid` (e.g. torchrun's workers)."""
+    return [child.pid for child in psutil.Process(pid).children()]
 
 
 def env_int(pid: int, name: str) -> int | None:
     """The integer environment variable `name` (e.g. RANK) a running process was started with, or None."""
     try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
+        value = psutil.Process(pid).environ().get(name)
+    except psutil.Error:  # ended while we looked, or a zombie
         return None
-    for item in environ:
-        if item.startswith(name.encode() + b"="):
-            return int(item.split(b"=", 1)[1])
-    return None
+    return None if value is None else int(value)
 
 
 def local_rank(pid: int) -> int | None:
     """The LOCAL_RANK a running worker was started with, or None."""
     return env_int(pid, "LOCAL_RANK")
+
+
+def newest_checkpoint(out_dir: Path, at_least: int, timeout: float = 240,
+                      check: Callable[[], object] = lambda: None) -> int:
+    """The step of `out_dir`'s checkpoint once it is `at_least`, read each time the file is replaced
+    (every save is a new file: its inode changes). `check()` runs between looks: it asserts that the
+    jobs that save still run."""
+    path, seen, deadline = Path(out_dir) / "checkpoints" / "last.pt", None, time.monotonic() + timeout
+    while True:
+        inode = path.stat().st_ino if path.exists() else None
+        if inode is not None and inode != seen:
+            seen, step = inode, checkpoint.load(path)[checkpoint.STEP]
+            if step >= at_least:
+                return step
+        check()
+        assert time.monotonic() < deadline, f"no checkpoint of step {at_least} or later in {timeout} s"
+        time.sleep(0.02)
 
 
 def kill_rank_after_checkpoint(jobs: subprocess.Popen | list[subprocess.Popen], out_dir: Path, step: int,
@@ -168,25 +175,30 @@ def kill_rank_after_checkpoint(jobs: subprocess.Popen | list[subprocess.Popen], 
     launch/multinode.sh per node), let it train `settle` seconds past it, then SIGKILL its worker of
     global RANK `rank` while nothing newer is saved; returns the checkpoint's path."""
     jobs = jobs if isinstance(jobs, list) else [jobs]
-    path, seen, deadline = Path(out_dir) / "checkpoints" / "last.pt", None, time.monotonic() + 240
-    while True:  # a new file each save: watch the inode
+
+    def running() -> None:
         for job in jobs:
             assert job.poll() is None, finish(job, 5)[1][-4000:]
-        assert time.monotonic() < deadline, f"no checkpoint of step {step}"
-        inode = path.stat().st_ino if path.exists() else None
-        if inode is not None and inode != seen:
-            seen = inode
-            if checkpoint.load(path)[checkpoint.STEP] == step:
-                break
-        time.sleep(0.05)
+
+    assert newest_checkpoint(out_dir, step, check=running) == step, f"the checkpoint of step {step} was missed"
     time.sleep(settle)  # into the steps after the checkpoint
-    # The workers: torchrun's children, or (under multinode.sh, which watches torchrun) its grandchildren.
-    below = [pid for job in jobs for child in children(job.pid) for pid in (child, *children(child))]
-    workers = {env_int(pid, "RANK"): pid for pid in below if local_rank(pid) is not None}
+    # The workers: the processes under each job (at any depth: multinode.sh runs torchrun under a
+    # supervisor) that torchrun started, with a LOCAL_RANK their parent does not have.
+    below = [process for job in jobs for process in psutil.Process(job.pid).children(recursive=True)]
+    workers = {env_int(p.pid, "RANK"): p.pid for p in below if _is_worker(p)}
     assert rank in workers, f"no worker with RANK={rank} among {workers}"
+    path = Path(out_dir) / "checkpoints" / "last.pt"
     assert checkpoint.load(path)[checkpoint.STEP] == step  # still where it was: nothing saved since
     os.kill(workers[rank], signal.SIGKILL)
     return path
+
+
+def _is_worker(process: psutil.Process) -> bool:
+    """A process torchrun started: it has a LOCAL_RANK, its parent (torchrun) none."""
+    try:
+        return local_rank(process.pid) is not None and local_rank(process.ppid()) is None
+    except psutil.Error:  # ended while we looked
+        return False
 
 
 def last_checkpoint(out_dir: Path) -> dict:

@@ -206,6 +206,23 @@ def test_a_config_error_under_torchrun_exits_2_on_every_rank(tmp_path):
     assert text1.startswith("nin-train: error: train.epochs=0 is not allowed: at least 1"), text1
 
 
+def test_nodes_are_torchruns_count_not_processes_over_processes_per_node(monkeypatch):
+    """A job of 2 + 1 processes runs on 2 nodes, as torchrun's GROUP_WORLD_SIZE says on every worker;
+    WORLD_SIZE // LOCAL_WORLD_SIZE made that 1 node on the first and 3 on the second. (The variable is
+    read here in a world of one: a world of 3 would need its peers to form a process group.)"""
+    from nin_dist.distributed import DistInfo, init_distributed
+
+    for name, value in {"WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "GROUP_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    assert init_distributed("cpu", threads=torch.get_num_threads()).num_nodes == 2
+    monkeypatch.delenv("GROUP_WORLD_SIZE")  # no torchrun
+    assert init_distributed("cpu", threads=torch.get_num_threads()).num_nodes == 1
+    for local_world_size in (2, 1):  # each node's rank 0 says the same
+        info = DistInfo(rank=0, local_rank=0, world_size=3, local_world_size=local_world_size,
+                        device=torch.device("cpu"), backend="gloo", num_nodes=2)
+        assert info.describe() == "a world of 3 on 2 nodes (restart 0)"
+
+
 def test_cross_rank_batchnorm_in_a_world_of_one_is_batchnorm():
     """Output, every gradient and the running statistics equal nn.BatchNorm2d's (float64, |mean| >> std)."""
     from torch import nn

@@ -2,13 +2,15 @@
 
 Each host is a Linux network namespace with one 10.x address on a veth pair whose other end is a
 port of a bridge in a third namespace (the switch). The addresses exist only inside these
-namespaces: no packet leaves them. On each host `launch/multinode.sh` runs one process of an
-elastic job (NNODES=1:2, the c10d rendezvous on host A, which stays up), fp64 and tiny (200 steps
-of 16 images, a checkpoint every 5 steps). Two jobs cover the three faults:
+namespaces: no packet leaves them. Each host resolves the other's name through a hosts file of its
+own (`ip netns exec` mounts /etc/netns/NS/hosts over /etc/hosts). On each host `launch/multinode.sh`
+runs one process of an elastic job (NNODES=1:2, the c10d rendezvous on host A, which stays up), fp64
+and tiny (200 steps of 16 images, a checkpoint every 5 steps). Two jobs cover the three faults:
 
 - (a) every process of host B is SIGKILLed after a checkpoint: A finds the closed connection at
   once and trains on alone; then (c) B is started again and the job grows back to two hosts. The
-  job is tracked in MLflow: one run, FINISHED, the world size over steps going 2, 1, 2.
+  job is tracked in MLflow: one run, FINISHED, the world size over steps going 2, 1, 2. Its
+  RDZV_ENDPOINT is host A's name, and LOCAL_ADDR each host's address: A hosts the rendezvous.
 - (b) B's port on the switch goes down: A finds the silent peer after `train.dist_timeout_s` and
   trains on alone; on B, multinode.sh ends B's processes after CUT_OFF_S.
 
@@ -24,17 +26,27 @@ namespaces deleted at the end, also when a test fails.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
-from helpers import REPO, env, last_checkpoint, local_rank, max_rel_diff, overrides, train_in_process
+from helpers import (
+    REPO,
+    env,
+    last_checkpoint,
+    local_rank,
+    max_rel_diff,
+    newest_checkpoint,
+    overrides,
+    train_in_process,
+)
 
 from nin_dist import checkpoint as ckpt
 
@@ -56,7 +68,7 @@ RDZV_CONF = "keep_alive_interval=1,last_call_timeout=3"
 DIST_TIMEOUT_S = 10  # the link-cut job's train.dist_timeout_s (default 120): how long a silent peer takes to find
 CUT_OFF_S = 10  # the link-cut job's CUT_OFF_S (default 120)
 REL_TOL = 1e-9
-HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
+NETNS_ETC = Path("/etc/netns")  # ip netns exec mounts NETNS_ETC/NS/hosts over /etc/hosts inside namespace NS
 
 
 def ip(*args: str) -> str:
@@ -69,11 +81,12 @@ def ip(*args: str) -> str:
 class Node:
     """One `launch/multinode.sh` on a host; its output is read as it comes, each line with its arrival time."""
 
-    def __init__(self, host: Host, args: list[str], cwd: Path, **variables: str):
-        node_env = env(NNODES="1:2", NPROC_PER_NODE="1", RDZV_ENDPOINT=f"{SUBNET}.1:{RDZV_PORT}", LOCAL_ADDR=host.addr,
+    def __init__(self, host: Host, args: list[str], cwd: Path, endpoint: str, **variables: str):
+        node_env = env(NNODES="1:2", NPROC_PER_NODE="1", RDZV_ENDPOINT=endpoint, LOCAL_ADDR=host.addr,
                        GLOO_SOCKET_IFNAME="eth0", RDZV_CONF=RDZV_CONF, LOGLEVEL="INFO", **variables)
         node_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), node_env.get("PYTHONPATH")]))
         self.host, self.lines, self._lock = host, [], threading.Lock()
+        self.log = cwd / f"host-{host.name}.log"
         # cwd: MLflow's sqlite store puts artifacts in ./mlruns of the process that logs them.
         self.proc = subprocess.Popen(["ip", "netns", "exec", host.ns, "bash", str(MULTINODE), *args], cwd=cwd,
                                      env=node_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -82,9 +95,12 @@ class Node:
         self._reader.start()
 
     def _read(self) -> None:
-        for line in self.proc.stdout:
-            with self._lock:
-                self.lines.append((time.monotonic(), line.rstrip("\n")))
+        with open(self.log, "a") as log:  # kept with the test's files: pytest shows only a failure's tail
+            for line in self.proc.stdout:
+                log.write(line)
+                log.flush()
+                with self._lock:
+                    self.lines.append((time.monotonic(), line.rstrip("\n")))
 
     @property
     def text(self) -> str:
@@ -118,9 +134,10 @@ class Host:
 
     def __init__(self, name: str, addr: str):
         self.name, self.addr, self.ns, self.port = name, addr, f"{NAME}-{name}", f"port-{name}"
+        self.hostname = f"host-{name}.{NAME}"  # in the hosts files of the namespaces only
 
-    def start(self, args: list[str], cwd: Path, **variables: str) -> Node:
-        return Node(self, args, cwd, **variables)
+    def start(self, args: list[str], cwd: Path, endpoint: str = f"{SUBNET}.1:{RDZV_PORT}", **variables: str) -> Node:
+        return Node(self, args, cwd, endpoint, **variables)
 
     def pids(self) -> list[int]:
         return [int(pid) for pid in ip("netns", "pids", self.ns).split()]
@@ -162,6 +179,10 @@ class Network:
             ip("-n", host.ns, "addr", "add", f"{host.addr}/24", "dev", "eth0")
             ip("-n", host.ns, "link", "set", "eth0", "up")
             ip("-n", host.ns, "link", "set", "lo", "up")
+        names = "".join(f"{host.addr} {host.hostname}\n" for host in self.hosts)
+        for host in self.hosts:
+            (NETNS_ETC / host.ns).mkdir(parents=True, exist_ok=True)
+            (NETNS_ETC / host.ns / "hosts").write_text(f"127.0.0.1 localhost\n{names}")
 
     def cut(self, host: Host, up: bool = False) -> None:
         """Unplug (or plug back) the host's cable at the switch: its own interface stays up, packets are lost."""
@@ -188,6 +209,10 @@ class Network:
                 ip("netns", "del", self.switch)
             except (OSError, RuntimeError) as err:
                 failures.append(err)
+        for host in self.hosts:
+            shutil.rmtree(NETNS_ETC / host.ns, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the folder, where no other namespace has files in it
+            NETNS_ETC.rmdir()
         if failures:
             raise failures[0]
 
@@ -217,26 +242,34 @@ def reference(tmp_path_factory):
     return last_checkpoint(out)[ckpt.MODEL]
 
 
-def newest_checkpoint(out: Path, at_least: int, nodes: list[Node], timeout: float = 120) -> int:
-    """The step of `out`'s checkpoint once it is `at_least`, read each time the file is replaced."""
-    path, seen, deadline = out / "checkpoints" / "last.pt", None, time.monotonic() + timeout
-    while True:
-        inode = path.stat().st_ino if path.exists() else None
-        if inode is not None and inode != seen:
-            seen, step = inode, ckpt.load(path)[ckpt.STEP]
-            if step >= at_least:
-                return step
+def running(*nodes: Node):
+    """A check that the nodes' launch scripts still run."""
+    def check() -> None:
         for node in nodes:
             assert node.proc.poll() is None, node.tail()
-        assert time.monotonic() < deadline, f"no checkpoint of step {at_least} in {timeout} s"
+    return check
+
+
+def newest_when_ended(out: Path, worker: int, timeout: float) -> int:
+    """The step of `out`'s newest checkpoint once the training process `worker` has ended: that
+    attempt saves nothing more, and the next one resumes from it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if psutil.Process(worker).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        assert time.monotonic() < deadline, f"the worker {worker} still runs after {timeout} s"
         time.sleep(0.02)
+    return last_checkpoint(out)[ckpt.STEP]
 
 
 def two_hosts_trained(out: Path, a: Node, b: Node) -> int:
     """The step of a checkpoint saved by both hosts together, at least FAULT_AFTER. (B may come too late
     for the first round; A then starts alone and restarts when B arrives.)"""
     _, first = a.wait_for(r"training: step (\d+) done in a world of 2", since=0, timeout=180)
-    return newest_checkpoint(out, max(FAULT_AFTER, int(first[1]) - 1 + CHECKPOINT_EVERY), [a, b])
+    return newest_checkpoint(out, max(FAULT_AFTER, int(first[1]) - 1 + CHECKPOINT_EVERY), 120, running(a, b))
 
 
 def when_gone(host: Host, node: Node, since: float) -> dict[str, float]:
@@ -275,36 +308,45 @@ def report(what: str, seconds: float) -> None:
 @pytest.mark.slow
 def test_a_host_killed_and_started_again_shrinks_and_grows_the_job_onto_the_same_weights(net, reference, tmp_path):
     out = tmp_path / "run"
-    tracking = {"tracking__enabled": HAS_MLFLOW, "tracking__uri": f"sqlite:///{tmp_path}/mlflow.db",
+    tracking = {"tracking__enabled": True, "tracking__uri": f"sqlite:///{tmp_path}/mlflow.db",
                 "tracking__system_metrics": False, "tracking__log_model": False}
     args = overrides(out, **RUN, **tracking)
-    job = {"RDZV_ID": f"{NAME}-kill"}
+    # The rendezvous by host A's name, each host's LOCAL_ADDR an address: A must see that it hosts it.
+    job = {"RDZV_ID": f"{NAME}-kill", "endpoint": f"{net.a.hostname}:{RDZV_PORT}"}
     a, b = net.a.start(args, tmp_path, **job), net.b.start(args, tmp_path, **job)
     try:
         step = two_hosts_trained(out, a, b)
+        print()
+        for node, says in ((a, "this node hosts the rendezvous"), (b, "this node joins the rendezvous")):
+            _, line = node.wait_for(rf"multinode.sh: {says} .*", since=0, timeout=1)
+            print(f"host {node.host.name}: {line[0]}")
+        assert f"LOCAL_ADDR={net.a.addr} is {net.a.hostname}" in a.text, a.tail()
 
-        # (a) Host B gone at once, every process of it: A's all-reduce fails, A trains on alone.
+        # (a) Host B gone at once, every process of it: A's all-reduce fails, A trains on alone. The
+        # newest checkpoint at the fault is the one seen before it, or one that A's step in flight
+        # saved (its all-reduce done before the kill): known once A's worker has ended.
+        worker = net.a.worker()
         fault = time.monotonic()
         net.b.kill_all()
+        at_fault = newest_when_ended(out, worker, timeout=120)
         _, resumed = a.wait_for(r"resuming from .* step (\d+)", since=fault, timeout=120)
-        # The newest checkpoint at the fault: the one seen before it, or one the step in flight saved
-        # (its all-reduce done before the kill), so fewer than checkpoint_every steps are redone.
-        assert step <= int(resumed[1]) <= ckpt.load(out / "checkpoints" / "last.pt")[ckpt.STEP], a.tail()
+        assert step <= at_fault == int(resumed[1]), (at_fault, a.tail())
         alone, _ = a.wait_for(r"training: step \d+ done in a world of 1 on 1 node \(restart 1\)", since=fault,
                               timeout=120)
         report("(a) every process of host B SIGKILLed -> A trains again, alone", alone - fault)
 
         # (c) B comes back once A has saved a checkpoint of its own. A's worker is held still meanwhile
         # (SIGSTOP), so the test does not race B's start-up against the steps A has left.
-        saved = newest_checkpoint(out, step + CHECKPOINT_EVERY, [a])
+        saved = newest_checkpoint(out, step + CHECKPOINT_EVERY, 120, running(a))
         worker = net.a.worker()
         os.kill(worker, signal.SIGSTOP)
         back = time.monotonic()
         b = net.b.start(args, tmp_path, **job)
         a.wait_for(r"Detected 1 new nodes", since=back, timeout=120)  # A's torchrun restarts its workers
         os.kill(worker, signal.SIGCONT)
+        at_return = newest_when_ended(out, worker, timeout=120)
         _, regrown = a.wait_for(r"resuming from .* step (\d+)", since=back, timeout=120)
-        assert int(regrown[1]) >= saved, a.tail()
+        assert saved <= at_return == int(regrown[1]), (at_return, a.tail())
         grown, _ = a.wait_for(r"training: step \d+ done in a world of 2 on 2 nodes", since=back, timeout=120)
         report("(c) host B started again -> the job trains again on both hosts", grown - back)
 
@@ -315,8 +357,6 @@ def test_a_host_killed_and_started_again_shrinks_and_grows_the_job_onto_the_same
 
     assert_lands_on_one_process(out, reference, "shrink 2 -> 1 and grow 1 -> 2")
 
-    if not HAS_MLFLOW:
-        pytest.skip("MLflow is not installed: the run's world-size metric is not checked")
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -352,11 +392,13 @@ def test_a_host_cut_off_is_found_within_the_timeout_and_ends_its_own_processes(n
         step = two_hosts_trained(out, a, b)
 
         # (b) B's cable pulled: nothing tells A, whose all-reduce waits out train.dist_timeout_s.
+        worker = net.a.worker()
         cut = time.monotonic()
         net.cut(net.b)
         b_gone = when_gone(net.b, b, since=cut)
+        at_fault = newest_when_ended(out, worker, timeout=DIST_TIMEOUT_S + 120)
         _, resumed = a.wait_for(r"resuming from .* step (\d+)", since=cut, timeout=DIST_TIMEOUT_S + 120)
-        assert step <= int(resumed[1]) <= ckpt.load(out / "checkpoints" / "last.pt")[ckpt.STEP], a.tail()
+        assert step <= at_fault == int(resumed[1]), (at_fault, a.tail())
         alone, _ = a.wait_for(r"training: step \d+ done in a world of 1 on 1 node", since=cut,
                               timeout=DIST_TIMEOUT_S + 120)
         report(f"(b) host B's link cut -> A trains again, alone (train.dist_timeout_s={DIST_TIMEOUT_S})",

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import REPO, env, finish, overrides, run, start
 
@@ -43,7 +45,7 @@ def test_script_is_strict_documented_and_passes_arguments_through(name):
     code = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
     assert code[0] == "set -euo pipefail", f"{name}: the first command must be set -euo pipefail"
     assert any(f"launch/{name}" in line for line in lines if line.startswith("#")), "no example invocation"
-    assert text.count("-m nin_dist.train") == 1 and '"$@"' in text  # one torchrun line, arguments passed on
+    assert text.count("-m nin_dist.train ") == 1 and '"$@"' in text  # one torchrun line, arguments passed on
     assert os.access(LAUNCH / name, os.X_OK) or name.endswith(".sbatch")
 
 
@@ -104,9 +106,10 @@ _PRINT_ENV = ('for name in GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME TORCH_DISABLE_S
               'echo "$name=${!name-unset}"; done')
 
 
-def _multinode(tmp_path, torchrun: str = 'echo "torchrun $*"', **variables) -> tuple[int, str]:
+def _multinode(tmp_path, torchrun: str = 'echo "torchrun $*"', args: tuple[str, ...] = (),
+               **variables) -> tuple[int, str]:
     """launch/multinode.sh with a stand-in torchrun (by default one that prints the command it was given)."""
-    return run(["bash", str(LAUNCH / "multinode.sh"), "--config", "configs/d2l.yaml"],
+    return run(["bash", str(LAUNCH / "multinode.sh"), "--config", "configs/d2l.yaml", *args],
                env=_stub_env(tmp_path, torchrun, **variables), timeout=30)
 
 
@@ -114,7 +117,7 @@ def _stub_env(tmp_path, torchrun: str, **variables) -> dict[str, str]:
     """The environment of a multinode.sh whose torchrun is the stand-in script `torchrun`."""
     _stub(tmp_path, "torchrun", torchrun)
     node_env = {k: v for k, v in env(**variables).items() if k not in ("RDZV_ID", "RDZV_ENDPOINT", "NNODES")}
-    node_env.update(variables, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    node_env.update(variables, PATH=f"{tmp_path}{os.pathsep}{node_env['PATH']}")  # the venv's python3 first
     return node_env
 
 
@@ -164,41 +167,124 @@ def test_multinode_passes_addresses_interfaces_and_rendezvous_settings_to_torchr
     assert not any(word.startswith("--local-addr") for word in plain.split()), plain
 
 
+def test_multinode_hosts_the_rendezvous_where_local_addr_is_an_address_of_the_endpoints_host_name(tmp_path):
+    """RDZV_ENDPOINT names the host, LOCAL_ADDR gives its address: the two are compared by address
+    (a string comparison gave is_host=0 on every node, and no node hosted the rendezvous)."""
+    common = {"NNODES": "1:2", "NPROC_PER_NODE": "1", "RDZV_ID": "nin-42", "RDZV_ENDPOINT": "localhost:29400"}
+    rc, host = _multinode(tmp_path, **common, LOCAL_ADDR="127.0.0.1")
+    assert rc == 0 and "--rdzv-conf=last_call_timeout=10,is_host=1" in host.split(), host
+    assert "multinode.sh: this node hosts the rendezvous (is_host=1): LOCAL_ADDR=127.0.0.1 is localhost" in host
+    rc, other = _multinode(tmp_path, **common, LOCAL_ADDR="10.0.0.2")
+    assert rc == 0 and "--rdzv-conf=last_call_timeout=10,is_host=0" in other.split(), other
+    assert "multinode.sh: this node joins the rendezvous on localhost" in other
+    # Where names cannot be resolved (here: a getent that finds nothing), torchrun guesses, as without LOCAL_ADDR.
+    _stub(tmp_path, "getent", "exit 2")
+    rc, unknown = _multinode(tmp_path, **common, LOCAL_ADDR="10.0.0.2")
+    assert rc == 0 and "--rdzv-conf=last_call_timeout=10" in unknown.split(), unknown
+    assert "multinode.sh: is_host left to torchrun's guess: LOCAL_ADDR=10.0.0.2 does not resolve here" in unknown
+
+
+def test_multinode_checks_the_config_once_and_ends_at_once_on_a_wrong_one(tmp_path):
+    """A typo in an override fails every attempt alike: exit 2 before torchrun, not MAX_RESTARTS restarts."""
+    rc, text = _multinode(tmp_path, args=("train.epoch=2",), NNODES="2", NPROC_PER_NODE="1", RDZV_ID="nin-42")
+    assert rc == 2 and text.strip() == ("nin-train: error: unknown config key train.epoch; did you mean "
+                                        "train.epochs?"), text
+    rc, text = _multinode(tmp_path, args=("--epochs", "2"), NNODES="2", NPROC_PER_NODE="1", RDZV_ID="nin-42")
+    assert rc == 2 and "nin-train: error: unrecognized arguments: --epochs" in text and "torchrun" not in text, text
+
+
+def test_multinode_says_whether_its_watch_is_armed(tmp_path):
+    common = {"NNODES": "2", "NPROC_PER_NODE": "1", "RDZV_ID": "nin-42", "RDZV_ENDPOINT": "[::1]:29400"}
+    rc, armed = _multinode(tmp_path, **common)
+    assert rc == 0 and ("multinode.sh: the watch is armed: once the rendezvous [::1]:29400 has answered, 120 s "
+                        "without reaching it end this node's torchrun and workers") in armed, armed
+    rc, off = _multinode(tmp_path, **common, CUT_OFF_S="0")
+    assert rc == 0 and "multinode.sh: the watch is off (CUT_OFF_S=0)" in off, off
+    rc, bad = _multinode(tmp_path, **(common | {"RDZV_ENDPOINT": "node0:port"}))
+    assert rc == 2 and bad.strip() == ("multinode.sh: error: RDZV_ENDPOINT=node0:port is not allowed: host:port "
+                                       "(an IPv6 address as [address]:port)"), bad
+
+
 def test_multinode_rejects_a_cut_off_time_that_is_not_seconds(tmp_path):
     rc, text = _multinode(tmp_path, NNODES="2", NPROC_PER_NODE="1", RDZV_ID="nin-42", CUT_OFF_S="2m")
     assert rc == 2 and text.strip() == ("multinode.sh: error: CUT_OFF_S=2m is not allowed: a whole number of "
                                         "seconds (0 = never)"), text
 
 
+def _gone(pid: int) -> bool:
+    """The process ended (a zombie has: a SIGKILL lands when the process next runs)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _all_gone(pids: list[int], within: float = 30) -> list[int]:
+    """The pids still running after `within` seconds (a wait that ends as soon as all are gone, long
+    enough that a loaded machine cannot break it)."""
+    deadline = time.monotonic() + within
+    while (left := [pid for pid in pids if not _gone(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+@contextlib.contextmanager
+def _listening():
+    """A listening socket on IPv6 loopback, where there is one (its endpoint in brackets, which the
+    watch once kept and so probed nothing), else on 127.0.0.1; and its endpoint."""
+    try:
+        server = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        server = socket.create_server(("127.0.0.1", 0))
+    with server:
+        host, port = server.getsockname()[:2]
+        yield server, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+
 def test_multinode_ends_torchrun_and_its_workers_when_the_rendezvous_stops_answering(tmp_path):
-    """A stand-in for a cut-off node: torchrun ignoring SIGTERM (as when blocked in a store read), its
-    worker in a session of its own. The rendezvous answers once, then is gone: CUT_OFF_S later the
-    script has killed both and exits 1."""
+    """A stand-in for a cut-off node: torchrun ignoring SIGTERM (as when blocked in a store read) and
+    starting a worker every 0.2 s (restarts), each in a session of its own with a process three levels
+    below torchrun. The rendezvous answers once, then is gone: CUT_OFF_S later the script has killed
+    them all, however deep and however late they started, and exits 1."""
     torchrun = ("trap '' TERM\n"  # SIGTERM does nothing
-                "setsid sleep 300 &\n"  # the worker: torchrun starts each in a new session
-                'echo "worker $!"\n'
-                "wait")
-    with socket.create_server(("127.0.0.1", 0)) as rendezvous:
-        port = rendezvous.getsockname()[1]
+                'echo "torchrun $$"\n'
+                "while :; do\n"
+                """  setsid bash -c 'bash -c "sleep 300 & echo deep \\$!; wait" & wait' &\n"""
+                '  echo "worker $!"\n'
+                "  sleep 0.2\n"
+                "done")
+    with _listening() as (rendezvous, endpoint):
         node = start(["bash", str(LAUNCH / "multinode.sh")], env=_stub_env(tmp_path, torchrun, NNODES="2",
-                     NPROC_PER_NODE="1", RDZV_ID="nin-42", RDZV_ENDPOINT=f"127.0.0.1:{port}", CUT_OFF_S="1"))
+                     NPROC_PER_NODE="1", RDZV_ID="nin-42", RDZV_ENDPOINT=endpoint, CUT_OFF_S="1"))
         rendezvous.settimeout(30)
         rendezvous.accept()[0].close()  # the first probe: the rendezvous has answered
     started = time.monotonic()
     rc, text = finish(node, timeout=180)
-    assert rc == 1 and f"the rendezvous 127.0.0.1:{port} was unreachable for" in text, text
+    assert rc == 1 and f"the rendezvous {endpoint} was unreachable for" in text, text
     # CUT_OFF_S=1 and a probe every 2 s: a few seconds. The bound is loose so that a loaded machine
     # (three test workers on two cores) cannot break it, and still under the default CUT_OFF_S (120)
     # that a script ignoring the setting would wait.
     assert time.monotonic() - started < 90, text
-    worker = Path("/proc", re.search(r"worker (\d+)", text)[1], "stat")
+    pids = [int(pid) for pid in re.findall(r"(?:torchrun|worker|deep) (\d+)", text)]
+    assert len(re.findall(r"deep \d+", text)) >= 2, text
+    assert not _all_gone(pids), text
 
-    def alive() -> bool:  # a SIGKILL lands when the process next runs; a zombie is gone already
-        with contextlib.suppress(OSError):
-            return worker.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        return False
 
-    deadline = time.monotonic() + 60  # a wait, not a bound: it ends as soon as the worker is gone
-    while alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(), text
+def test_multinode_killed_takes_torchrun_with_it(tmp_path):
+    """SIGTERM to the script reaches torchrun (which stops its workers) and the script exits with
+    torchrun's code; SIGKILL of the script (SLURM's or Kubernetes' escalation) ends torchrun too, by
+    its SIGTERM."""
+    torchrun = "trap 'echo \"torchrun got TERM\"; exit 143' TERM\n" 'echo "torchrun $$"\n' "while :; do sleep 0.1; done"
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        node = start(["bash", str(LAUNCH / "multinode.sh")], env=_stub_env(tmp_path, torchrun, NNODES="2",
+                     NPROC_PER_NODE="1", RDZV_ID="nin-42", CUT_OFF_S="0"))
+        try:
+            while not (line := node.stdout.readline()).startswith("torchrun "):
+                assert line, finish(node, 5)[1]
+            agent = int(line.split()[1])
+            os.kill(node.pid, signum)
+            assert not _all_gone([agent]), f"torchrun outlived the script's {signum.name}"
+        finally:
+            rc, text = finish(node, timeout=10)
+        assert "torchrun got TERM" in text, text
+        assert rc == (143 if signum == signal.SIGTERM else -signal.SIGKILL), (rc, text)

@@ -64,7 +64,8 @@ def test_kernels_never_imports_nin_dist():
 
 
 def test_config_and_shapes_do_not_import_torch():
-    code = ("import sys, nin_dist.config, nin_dist.shapes\n"
+    # train_args too: launch/multinode.sh checks nin-train's arguments with it before torchrun starts.
+    code = ("import sys, nin_dist.config, nin_dist.shapes, nin_dist.train_args\n"
             "print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
