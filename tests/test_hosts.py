@@ -50,9 +50,6 @@ from helpers import (
 
 from nin_dist import checkpoint as ckpt
 
-pytestmark = [pytest.mark.filterwarnings("ignore:Unable to enable fault handler"),
-              pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")]  # MLflow's own
-
 MULTINODE = REPO / "launch" / "multinode.sh"
 NAME = f"nin{os.getpid()}"  # namespace names: unique per test process, so parallel workers never meet
 SUBNET = "10.77.0"  # inside the namespaces only
