@@ -108,7 +108,7 @@ class ProfileWindow:
             torch.cuda.synchronize(self.info.device)
         prof.stop()
         seconds = time.perf_counter() - self._started
-        self.folder.mkdir(exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
         first, rank = self._from, self.info.rank
         names = [trace_name(rank, first, done)]
         _write_atomically(self.folder / names[0], prof.export_chrome_trace)
