@@ -86,6 +86,10 @@ class ProfileWindow:
 
     def _start(self, step: int) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.info.device.type == "cpu":
+            # Kineto looks for a GPU in a CUDA build of torch and logs an ERROR line when there is none;
+            # on the CPU that line is noise. Read when the profiler first starts in this process.
+            os.environ.setdefault("KINETO_LOG_LEVEL", "5")
         if self.info.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         if self.memory:
