@@ -56,15 +56,16 @@ def test_dry_run_without_mlflow_writes_its_json(tmp_path, without_mlflow, data_r
     out = tmp_path / "out"
     env = dict(without_mlflow, NIN_DATA_DIR=str(data_root))
     proc = subprocess.run([sys.executable, "-m", "nin_dist.bench", "gpu", "--dry-run", "--out", str(out),
-                           "--steps", "kernels,kernels-compile,d2l"],
+                           "--steps", "kernels,kernels-compile,profile,d2l"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] and summary["passed"]
     steps = {s["step"]: s for s in summary["steps"]}
-    assert list(steps) == ["kernels", "kernels-compile", "d2l"]
+    assert list(steps) == ["kernels", "kernels-compile", "profile", "d2l"]
     assert all(s["status"] == "ok" and (out / s["log"]).exists() for s in steps.values())
     assert "needs CUDA" in steps["kernels"]["note"]
+    assert steps["profile"]["result"]["traces"] == ["rank0-steps1-1.trace.json.gz"]
     d2l = steps["d2l"]["result"]
     assert 0.0 <= d2l["test_acc"] <= 1.0 and d2l["img_per_s"] > 0  # 3 steps: less than an epoch
     environment = json.loads((out / "environment.json").read_text())
