@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import itertools
 import sys
 
 import torch
@@ -92,22 +91,23 @@ class NiN(nn.Sequential):
 
     def _block(self, block: nn.Sequential, x: torch.Tensor, name: str) -> torch.Tensor:
         # Its layers one by one (nn.Sequential's forward), in the regions a profile shows (nin_dist.profiling).
-        conv_name, bn_name, pair_name = _part_names(name, block[0].kernel_size)
+        layers = tuple(block)  # indexing an nn.Sequential walks its modules each time
+        conv_name, bn_name, pair_name = _part_names(name, layers[0].kernel_size)
         with region(conv_name):
-            x = block[0](x)
+            x = layers[0](x)
         if self._stem_end == 2:
             with region(bn_name):
-                x = block[1](x)
+                x = layers[1](x)
         with region(pair_name):
-            if self.kernel == "torch" or not isinstance(block[-1], nn.ReLU):
+            if self.kernel == "torch" or not isinstance(layers[-1], nn.ReLU):
                 # The fused kernel always ends in ReLU; a block without it (model.logit_relu=false, the
                 # 10-channel head: a sliver of the FLOPs) runs as PyTorch layers.
-                for layer in itertools.islice(block, self._stem_end, None):
+                for layer in layers[self._stem_end:]:
                     x = layer(x)
                 return x
             from kernels import fused_pointwise_mlp
 
-            conv1, conv2 = block[self._stem_end + 1], block[self._stem_end + 3]
+            conv1, conv2 = layers[self._stem_end + 1], layers[self._stem_end + 3]
             # The fused op takes the stem's ReLU on load (relu_input=True).
             return fused_pointwise_mlp(x, conv1.weight, conv1.bias, conv2.weight, conv2.bias, relu_input=True)
 
