@@ -7,13 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import assert_bit_identical, last_checkpoint, overrides, train_in_process
+from helpers import CPU_CONFIG, assert_bit_identical, last_checkpoint, overrides, train_in_process
 
 from nin_dist import checkpoint as ckpt
 from nin_dist import profiling
 from nin_dist.bench import trace
-from nin_dist.config import TrainConfig
+from nin_dist.config import TrainConfig, load_config
 from nin_dist.distributed import DistInfo
+from nin_dist.perf import train_flops_per_image
 from nin_dist.tracking import NullTracker
 from nin_dist.train import main
 
@@ -74,6 +75,12 @@ def test_a_profiled_run_trains_the_unprofiled_weights_and_a_resume_past_it_trace
     assert sorted(p.name for p in folder.iterdir()) == ["rank0-steps2-3.trace.json.gz", "summary.txt"]
     names = {e["name"] for e in trace.load(folder / "rank0-steps2-3.trace.json.gz")}  # gzipped Chrome JSON
     assert REGIONS <= names, sorted(REGIONS - names)
+    # The FLOPs nin-bench profile reads from the recorded shapes: those of nin_dist.shapes for the batch
+    # (which counts the first conv's input grad too: its share here is ~1%).
+    step = trace.analyze(folder / "rank0-steps2-3.trace.json.gz")
+    counted = sum(part["gflop"] for part in step["parts"].values()) * 1e9
+    cfg = load_config(CPU_CONFIG, [f"{k.replace('__', '.')}={v}" for k, v in RUN.items()])
+    assert counted == pytest.approx(train_flops_per_image(cfg) * cfg.train.batch_size, rel=0.03)
     summary = (folder / "summary.txt").read_text()
     assert "global steps 2-3 on rank 0 of 1" in summary and "aten::conv2d" in summary
 

@@ -40,7 +40,7 @@ def add_arguments(p) -> None:
     p.add_argument("--nproc", type=int, default=2, help="processes of the job (the all-reduce needs 2 or more)")
     p.add_argument("--steps", type=int, default=3, help="steps of each window, and unprofiled steps before it")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--repeats", type=int, default=2, help="unprofiled / profiled pairs, interleaved")
+    p.add_argument("--repeats", type=int, default=3, help="unprofiled / profiled pairs, interleaved")
     p.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)  # internal: a rank of the job
 
 

@@ -40,6 +40,8 @@ def part_of(region: str) -> str | None:
         return "pooling+loss"
     if region == "optimizer.step" or region.startswith("Optimizer.zero_grad"):
         return "optimizer"
+    if region == "evaluation":  # a window across an epoch's end: kept apart from the training step's parts
+        return "evaluation"
     return None
 
 
@@ -122,6 +124,8 @@ def analyze(path: Path) -> dict:
         own = part_of(name) if e.get("cat") == "user_annotation" else None
         if name.startswith(_BACKWARD_FN) and outer_part is None:
             own = seq_part.get(args.get("Sequence number"), "other")
+        if outer_part == "evaluation":  # the model's regions inside it are evaluation's
+            own = None
         part = own or outer_part
         if own and own != outer_part:
             time_us[own] += e["dur"]
@@ -132,7 +136,8 @@ def analyze(path: Path) -> dict:
         region = name if own and not name.startswith(_BACKWARD_FN) else outer_region
         if part and "Sequence number" in args and not name.startswith(_BACKWARD_FN):
             seq_part.setdefault(args["Sequence number"], part)
-        if name == "aten::conv2d" and part:
+        # Autocast's aten::conv2d calls aten::conv2d again on the cast inputs: count the outer one.
+        if name == "aten::conv2d" and part and not any(frame[3] == name for frame in stack):
             first = region is not None and region.startswith("block1/conv")
             flops[part] += conv_flops(args) * (2 if first else 3)
         elif name.endswith("fused_pointwise_mlp") and part and not name.startswith(_BACKWARD_FN):
@@ -144,7 +149,7 @@ def analyze(path: Path) -> dict:
     while stack:
         _close(stack.pop(), self_us)
     step_us = sum(e["dur"] for e in steps)
-    time_us["other"] = max(0.0, step_us - sum(time_us[p] for p in PARTS if p != "other"))
+    time_us["other"] = max(0.0, step_us - sum(time_us[p] for p in (*PARTS, "evaluation") if p != "other"))
     allreduce = _union([(e["ts"], e["ts"] + e["dur"]) for e in events if _is_gradient_allreduce(e, main)])
     reduce_us = _length(allreduce)
     # DDP's backward returns once the last bucket is reduced, so all of it lies inside backward's range;
@@ -158,6 +163,7 @@ def analyze(path: Path) -> dict:
         "allreduce_ms": reduce_us / 1e3 / n_steps,
         "allreduce_overlap": overlap_us / reduce_us if reduce_us else None,
         "backward_ms": _length(_union(backward)) / 1e3 / n_steps,
+        "evaluation_ms": time_us["evaluation"] / 1e3 / n_steps,
     }
 
 
