@@ -13,8 +13,8 @@ BatchNorm, its 1x1 pair, the pools, the loss, backward, the optimizer step and t
 trace reads without the code. The gradient all-reduce needs no region: the profiler records the
 process group's own `gloo:all_reduce` (CPU, on gloo's worker threads, launch to completion) and
 NCCL's kernels (GPU), and a hook of ours in DDP would change how it reduces. A region costs a
-dispatcher call even with no profiler running, so regions exist only in a run that has a window:
-off, `region` returns one shared no-op context (a Python call, ~0.1 us). Under torch.compile the
+dispatcher call even with no profiler running (~20 us here), so they are on only while a window
+runs: off, `region` returns one shared no-op context (a Python call, <1 us). Under torch.compile the
 regions inside the compiled model are dropped by dynamo (no graph break); profile eager to see them.
 
 A window is decided by global steps alone, the same on every rank: a run resumed inside it profiles
@@ -73,7 +73,11 @@ class ProfileWindow:
             log.warning("profile: train.profile_memory ignored: it records CUDA's allocator, and this run is on %s",
                         info.device)
         self._prof, self._started, self._from = None, 0.0, 0
-        enable_regions(True)
+        # Regions on while the window lasts. A compiled model guards on the switch, and would compile
+        # again at each turn (in the window, at that): there they stay on for the run, and cost only
+        # outside the model, where they are eager (dynamo drops those inside it).
+        self._regions_for_run = train.compile
+        enable_regions(self._regions_for_run)
 
     def at(self, done: int) -> None:
         if self._prof is not None:
@@ -98,6 +102,7 @@ class ProfileWindow:
         self._prof = torch.profiler.profile(activities=activities, record_shapes=True, with_flops=True,
                                             schedule=lambda _: torch.profiler.ProfilerAction.RECORD)
         self._prof.step_num = step
+        enable_regions(True)
         self._from = step
         log.info("profile: steps %d-%d on every rank", step, self.last)
         self._started = time.perf_counter()
@@ -105,9 +110,7 @@ class ProfileWindow:
 
     def _finish(self, done: int) -> None:
         prof, self._prof, self.last = self._prof, None, done
-        # Regions off again: nothing after the window is traced (a compiled model recompiles once here,
-        # as it guards on the switch), and the model exported at the end carries none.
-        enable_regions(False)
+        enable_regions(self._regions_for_run)
         if self.info.device.type == "cuda":
             torch.cuda.synchronize(self.info.device)
         prof.stop()
