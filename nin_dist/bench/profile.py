@@ -1,7 +1,7 @@
 """Where a training step's time goes on this machine: a profile window of a 2-process job, read back.
 
     nin-bench profile                                   # configs/cpu.yaml, 2 processes, ~1 minute
-    nin-bench profile --nproc 1 --config configs/fast.yaml data.train_limit=4096   # one GPU
+    nin-bench profile --nproc 1 --config configs/fast.yaml train.compile=false   # one GPU, eager
 
 One torchrun job (`--nproc` processes, gloo on CPU) trains the config's network on its real batch:
 `--warmup` steps, then `--repeats` times `--steps` steps unprofiled and the same number in a profile
@@ -12,6 +12,8 @@ its share of the step and its achieved FLOP/s against the GEMM peak measured in 
 rank's own: a 1024^3 matmul on its threads, while the other ranks do the same); the gradient
 all-reduce and how much of it runs while backward does; and, when the step is below 70% of the peak,
 the part (and its top op) that keeps it there: the most time above what its FLOPs would take at 70%.
+The parts are times of the training thread: on the CPU, the work itself; on CUDA, only the launching
+(the kernels' own times are in the trace). A compiled model has no regions inside (dynamo drops them).
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ def report(result: dict, batch: int) -> str:
                          f"{r['allreduce_overlap']:.0%} of it while backward computes (backward "
                          f"{r['backward_ms']:.1f} ms/step), {r['allreduce_ms'] * (1 - r['allreduce_overlap']):.2f} "
                          f"ms/step exposed")
+    if result["device"].startswith("cuda"):
+        lines.append("on CUDA the parts are the launching thread's times; the kernels' are in the trace")
     if not any(r["allreduce_overlap"] is not None for r in result["ranks"]):
         lines.append("gradient all-reduce: none (a world of one)")
     lines.append(result["holds_back"])
