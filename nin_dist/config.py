@@ -45,6 +45,9 @@ MAX_BUCKET_MB = 65536.0  # DDP bucket, MiB: larger than the gradients of the lar
 MAX_TRANSLATE = 14
 MAX_TIMEOUT_S = 3600.0  # one tracking call; longer waits stall the run, and the sender's guard is 6x this
 MAX_DIST_TIMEOUT_S = 86400.0  # one collective: a day; a peer silent for longer is gone
+# A profiled step of configs/cpu.yaml is ~1 MB of trace per rank, of the seed's network at 224 tens of
+# MB (every op of every layer, forward and backward); a window is a few steps, not an epoch.
+MAX_PROFILE_STEPS = 100
 # train.dist_timeout_s when null, by what a rank does between two collectives (default_dist_timeout_s).
 # An eager step on a CPU, a checkpoint or an evaluation shard takes seconds: two minutes of silence
 # mean a lost peer. On a GPU the first eager step also JIT-compiles the fused Triton kernels and sets
@@ -185,6 +188,12 @@ class TrainConfig:
     ema_decay: float = 0.0  # exponential moving average of the weights, evaluated and logged; 0 = off
     tta: bool = False  # evaluation averages the class probabilities of each image and its mirror
     eval_test_every_epoch: bool = False  # with data.val_size: score test every epoch too, not only at the end
+    # The profile window (nin_dist.profiling): global steps profile_start .. profile_start + profile_steps - 1
+    # traced on every rank into run.out_dir/profile/ and MLflow. The default start skips step 1, whose
+    # allocations and DDP's bucket rebuild are not what later steps cost.
+    profile_start: int = 2  # first global step profiled (step 1 is the run's first)
+    profile_steps: int = 0  # steps profiled; 0 = off (no profiler made)
+    profile_memory: bool = False  # with a window, CUDA only: the caching allocator's history (memory_viz)
 
     def __post_init__(self):
         require(1 <= self.epochs <= MAX_EPOCHS, "train.epochs", f"at least 1 (at most {MAX_EPOCHS})", self.epochs)
@@ -209,6 +218,12 @@ class TrainConfig:
                 f"null (120 s on a CPU, 600 s on a GPU, {COMPILED_DIST_TIMEOUT_S:g} s with train.compile) or 1 to "
                 f"{MAX_DIST_TIMEOUT_S:g} seconds", self.dist_timeout_s)
         require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "in [0, 1) (0 = off)", self.ema_decay)
+        require(1 <= self.profile_start <= MAX_STEPS, "train.profile_start",
+                f"a global step from 1 to {MAX_STEPS:.0e} (step 1 is the first)", self.profile_start)
+        require(0 <= self.profile_steps <= MAX_PROFILE_STEPS, "train.profile_steps",
+                f"0 (off) or a step count up to {MAX_PROFILE_STEPS}", self.profile_steps)
+        require(not self.profile_memory or self.device != "cpu", "train.profile_memory",
+                "false with train.device=cpu (it records the CUDA caching allocator)", self.profile_memory)
         if isinstance(self.progress, bool):  # the switch's old form: stored as the mode it means
             object.__setattr__(self, "progress", "auto" if self.progress else "off")
         require(self.progress in PROGRESS_MODES, "train.progress", "auto, bar, lines or off (true = auto, "
@@ -324,7 +339,7 @@ def dump_yaml(cfg: Config) -> str:
 # Keys that change how a run computes but not what it computes; a resume may change them freely.
 _RESUMABLE_KEYS = ("train.max_steps", "train.progress", "train.log_every", "train.dist_timeout_s",
                    "train.checkpoint_every", "train.threads", "train.tta", "train.eval_test_every_epoch",
-                   "tracking.", "run.", "data.root",
+                   "train.profile_", "tracking.", "run.", "data.root",
                    "data.download", "data.mirror", "model.kernel", "train.compile", "train.bucket_cap_mb")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 
 import torch
@@ -24,9 +25,12 @@ from torch import nn
 from nin_dist.config import ModelConfig
 from nin_dist.errors import ConfigError
 from nin_dist.layers import CrossRankBatchNorm2d, GlobalBatchDropout
+from nin_dist.profiling import region
 from nin_dist.shapes import NUM_CLASSES, POOL_KERNEL, POOL_STRIDE, block_widths, flops_per_image
 
 DROPOUT_LAYER = 6  # the seed's nn.Dropout, before the last block
+# What a profile calls each top-level layer (nin_dist.profiling.region); a block's parts are named below it.
+_REGIONS = ("block1", "pool1", "block2", "pool2", "block3", "pool3", "dropout", "block4", "avgpool", "flatten")
 
 
 def nin_block(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int,
@@ -85,23 +89,44 @@ class NiN(nn.Sequential):
         model.set_kernel("torch")
         return model
 
-    def _block(self, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "torch" or not isinstance(block[-1], nn.ReLU):
-            # The fused kernel always ends in ReLU; a block without it (model.logit_relu=false, the
-            # 10-channel head: a sliver of the FLOPs) runs as PyTorch layers.
-            return block(x)
-        from kernels import fused_pointwise_mlp
+    def _block(self, block: nn.Sequential, x: torch.Tensor, name: str) -> torch.Tensor:
+        # Its layers one by one (nn.Sequential's forward), in the regions a profile shows (nin_dist.profiling).
+        layers = tuple(block)  # indexing an nn.Sequential walks its modules each time
+        conv_name, bn_name, pair_name = _part_names(name, layers[0].kernel_size)
+        with region(conv_name):
+            x = layers[0](x)
+        if self._stem_end == 2:
+            with region(bn_name):
+                x = layers[1](x)
+        with region(pair_name):
+            if self.kernel == "torch" or not isinstance(layers[-1], nn.ReLU):
+                # The fused kernel always ends in ReLU; a block without it (model.logit_relu=false, the
+                # 10-channel head: a sliver of the FLOPs) runs as PyTorch layers.
+                for layer in layers[self._stem_end:]:
+                    x = layer(x)
+                return x
+            from kernels import fused_pointwise_mlp
 
-        for layer in block[: self._stem_end]:
-            x = layer(x)
-        conv1, conv2 = block[self._stem_end + 1], block[self._stem_end + 3]
-        # The fused op takes the stem's ReLU on load (relu_input=True).
-        return fused_pointwise_mlp(x, conv1.weight, conv1.bias, conv2.weight, conv2.bias, relu_input=True)
+            conv1, conv2 = layers[self._stem_end + 1], layers[self._stem_end + 3]
+            # The fused op takes the stem's ReLU on load (relu_input=True).
+            return fused_pointwise_mlp(x, conv1.weight, conv1.bias, conv2.weight, conv2.bias, relu_input=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self:
-            x = self._block(layer, x) if isinstance(layer, nn.Sequential) else layer(x)
+        for i, layer in enumerate(self):
+            name = _REGIONS[i]
+            if isinstance(layer, nn.Sequential):
+                with region(name):
+                    x = self._block(layer, x, name)
+            else:
+                with region(name):
+                    x = layer(x)
         return x
+
+
+@functools.cache
+def _part_names(block: str, kernel_size: tuple[int, int]) -> tuple[str, str, str]:
+    """A block's regions: its k x k conv, its BatchNorm, its 1x1 pair (with the ReLU before it)."""
+    return f"{block}/conv{kernel_size[0]}x{kernel_size[1]}", f"{block}/batchnorm", f"{block}/pair1x1"
 
 
 def init_weights(model: nn.Module) -> None:

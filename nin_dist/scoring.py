@@ -17,6 +17,7 @@ from nin_dist.config import Config
 from nin_dist.data import Split
 from nin_dist.distributed import DistInfo
 from nin_dist.evaluate import Evaluation, evaluate
+from nin_dist.profiling import region
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Scorer:
     def score(self, model: torch.nn.Module, last: bool) -> Scores:
         """The epoch's scores; `last`: the run's final evaluation, which also keeps the test predictions."""
         data, train, info = self.cfg.data, self.cfg.train, self.info
-        val = evaluate(model, self.val, data, train, info) if self.val is not None else None
-        test = evaluate(model, self.test, data, train, info, with_predictions=last) if self.test_due(last) else None
+        with region("evaluation"):
+            val = evaluate(model, self.val, data, train, info) if self.val is not None else None
+            test = evaluate(model, self.test, data, train, info, with_predictions=last) if self.test_due(last) else None
         return Scores(val, test)

@@ -12,8 +12,7 @@ resumes from `run.out_dir/checkpoints/last.pt` when one exists (so `torchrun --m
 works). N ranks compute the updates one process computes; in fp32 their rounding differs and
 training amplifies it until the trajectories part, while `train.precision=fp64` (CPU) keeps them
 within ~1e-12 (see nin_dist/layers.py). A NaN/inf loss or state stops the run (exit 2) and never
-overwrites the last good checkpoint. Exit codes: 0 done, 2 user error (one line), 1 anything else
-(with its traceback).
+overwrites the last good checkpoint. Exit codes: 0 done, 2 user error (one line), 1 anything else (with its traceback).
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from nin_dist import checkpoint as ckpt
-from nin_dist import distributed, precision
+from nin_dist import distributed, precision, profiling
 from nin_dist.config import Config, config_hash, load_config, model_relevant
 from nin_dist.data import TrainBatches, hold_out, load_datasets
 from nin_dist.distributed import DistInfo
@@ -126,6 +125,7 @@ class Trainer:
         attempt_start = self.step
         progress = Progress(cfg.train.progress, min(batches.steps_per_epoch * cfg.train.epochs, max_steps),
                             self.step, info.is_main)
+        profile = profiling.make_window(cfg.train, info, self.run_dir.path, self.step, batches, self.tracker)
         while self.epoch < cfg.train.epochs and self.step < max_steps:
             t0, images = time.perf_counter(), 0
             sums = torch.zeros(3, device=info.device, dtype=torch.float64)  # loss sum, correct, images
@@ -139,6 +139,7 @@ class Trainer:
                 accumulate(sums, loss, logits, labels)
                 self.step, self.epoch_step, images = self.step + 1, self.epoch_step + 1, images + batches.global_batch
                 progress.update()
+                profile.at(self.step)
                 if self.step == attempt_start + 1:  # a (re)started job trains again from here
                     log.info("training: step %d done in %s", self.step, info.describe())
                 if self.step == 1 or self.step % cfg.train.log_every == 0:

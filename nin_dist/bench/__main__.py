@@ -6,6 +6,7 @@
     nin-bench scaling   # 1 process vs N torchrun processes, same global batch
     nin-bench tta       # wall seconds to a target test accuracy, median over seeds
     nin-bench traffic   # modelled HBM/L2 bytes, FLOPs and predicted µs of each kernel (no GPU)
+    nin-bench profile   # where a step's time goes: each part's share and FLOP/s, the all-reduce's overlap
 
 Every benchmark measures its baseline in the same run and reports ratios to it; absolute times mean
 something only on the machine named in the JSON.
@@ -16,12 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nin_dist.bench import data, gpu, kernels, scaling, traffic, train, tta
+from nin_dist.bench import data, gpu, kernels, profile, scaling, traffic, train, tta
 from nin_dist.errors import UserError, report
 from nin_dist.logs import init_logging
 
 BENCHMARKS = {"data": data, "kernels": kernels, "train": train, "scaling": scaling, "tta": tta, "gpu": gpu,
-              "traffic": traffic}
+              "traffic": traffic, "profile": profile}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ def machine() -> dict:
     import torch
 
     info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "cpu": cpu_name(),
             "cpu_threads": torch.get_num_threads()}
     try:
         import triton
@@ -25,6 +25,17 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def add_config_arguments(p, repeats: int | None = None) -> None:

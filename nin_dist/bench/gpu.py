@@ -14,6 +14,8 @@ Steps, most valuable first:
   kernels-compile `nin-bench kernels --dtypes bf16`: the same with torch.compile(max-autotune) rows
   train           `nin-bench train --config configs/fast.yaml`: img/s with the fused kernel off
                   (+compile) and on (+triton), and bf16 eager before them
+  profile         a profile window of `configs/fast.yaml` (eager: torch.compile drops the named
+                  regions), steps 2-4: the Chrome trace and the summary in DIR/profile-run/profile/
   d2l             the seed's run, `nin-train --config configs/d2l.yaml`: 10 epochs at 224
   tta             `nin-bench tta --config configs/fast.yaml --target 0.93`, one seed at a time for
                   as long as the total budget lasts
@@ -106,6 +108,12 @@ def _metrics(path: Path, _log: str) -> dict:
     return {k: m.get(k) for k in ("test_acc", "test_loss", "train_loss", "img_per_s", "epochs", "wall_s")}
 
 
+def _profile(path: Path, _log: str) -> dict:
+    """The trace files the profile step wrote, and the head of its summary."""
+    return {"traces": sorted(p.name for p in path.parent.glob("*.trace.json.gz")),
+            "summary": path.read_text().splitlines()[:2]}
+
+
 def build_steps(out: Path, dry_run: bool) -> list[Step]:
     """The steps in order of value, as commands; the dry run's differ only in size and device."""
     xml = out / "pytest-gpu.xml"
@@ -118,6 +126,10 @@ def build_steps(out: Path, dry_run: bool) -> list[Step]:
                   "--json", str(out / "train.json")]
     train_argv += (["--rows", "+device", "--steps", "2", "--warmup", "1", *tiny] if dry_run
                    else ["--rows", "+bf16,+compile,+triton", "--steps", "30", "--warmup", "5"])
+    profile = ["nin_dist.train", "--config", "configs/fast.yaml", "tracking.enabled=false", "train.progress=false",
+               "run.resume=false", f"run.out_dir={out / 'profile-run'}", "train.compile=false"]
+    profile += ([*tiny, "train.max_steps=1", "train.profile_start=1", "train.profile_steps=1"] if dry_run
+                else ["train.max_steps=4", "train.profile_start=2", "train.profile_steps=3", "data.test_limit=1000"])
     d2l = ["nin_dist.train", "--config", "configs/d2l.yaml", "tracking.enabled=false", "train.progress=false",
            "run.resume=false", f"run.out_dir={out / 'd2l'}"]
     d2l += [*tiny, "train.epochs=1", "train.max_steps=3"] if dry_run else []
@@ -130,6 +142,9 @@ def build_steps(out: Path, dry_run: bool) -> list[Step]:
                                      "max-autotune", "--json", str(out / "kernels-compile.json")],
              "kernels-compile.json", _kernel_ratios, parse_only=dry_run),
         Step("train", 90, train_argv, "train.json", _bench_json),
+        # 30 s on the GPU after `train` has filled Triton's cache; the dry run's CPU start-up alone can take
+        # that on a loaded 2-core machine, and its budget is no part of the GPU run's eight minutes.
+        Step("profile", 120 if dry_run else 30, profile, "profile-run/profile/summary.txt", _profile),
         Step("d2l", 135, d2l, "d2l/metrics.json", _metrics),
     ]
 

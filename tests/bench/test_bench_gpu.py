@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from nin_dist.bench import gpu
+from nin_dist.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,6 +39,19 @@ def test_the_gpu_runs_benchmark_arguments_parse():
         gpu.parse_bench_args(step.argv[1:])
     with pytest.raises(ValueError, match="--no-such-flag"):
         gpu.parse_bench_args(["kernels", "--no-such-flag"])
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_the_training_steps_are_valid_runs(dry_run):
+    """Every `nin-train` step's config and overrides load (the profile step's window among them); .ci/run
+    runs the whole dry run, profile step included."""
+    steps = [s for s in gpu.build_steps(Path("/x"), dry_run) if s.argv[0] == "nin_dist.train"]
+    assert {s.name for s in steps} == {"profile", "d2l"}
+    for step in steps:
+        config = step.argv[step.argv.index("--config") + 1]
+        cfg = load_config(REPO / config, [a for a in step.argv[3:] if "=" in a])
+        if step.name == "profile":
+            assert cfg.train.profile_steps >= 1 and not cfg.train.compile and not cfg.tracking.enabled
 
 
 def test_the_budgets_fit_in_eight_minutes():

@@ -22,6 +22,7 @@ from helpers import data_dir
 from mlflow import MlflowClient
 from mlflow_runs import PREDICTION_FILES
 
+from nin_dist.bench import trace
 from nin_dist.config import flatten, load_config
 from nin_dist.data import load_split, to_inputs
 from nin_dist.precision import resolve_config
@@ -68,7 +69,9 @@ def test_torchrun_two_processes_log_one_complete_run_to_a_real_server_and_its_ui
     import requests
 
     uri = server.uri
-    overrides = [*SMOKE, f"tracking.uri={uri}", "run.name=e2e", f"run.out_dir={tmp_path}/run"]
+    # Both steps in a profile window: each rank's trace, rank 0's summary, all logged under profile/.
+    overrides = [*SMOKE, f"tracking.uri={uri}", "run.name=e2e", f"run.out_dir={tmp_path}/run",
+                 "train.profile_start=1", "train.profile_steps=2"]
     assert_clean_log(train(tmp_path, "--config", str(REPO / "configs" / "cpu.yaml"), *overrides, nproc=2))
 
     client, run = only_run(uri)
@@ -96,8 +99,15 @@ def test_torchrun_two_processes_log_one_complete_run_to_a_real_server_and_its_ui
     assert inputs["fashion-mnist-test[:256]"].dataset.digest == test_split.digest
 
     paths = {a.path for a in client.list_artifacts(run_id)} | \
-        {a.path for a in client.list_artifacts(run_id, "predictions")}
-    assert paths == {"config.yaml", "metrics.json", "predictions"} | {f"predictions/{f}" for f in PREDICTION_FILES}
+        {a.path for folder in ("predictions", "profile") for a in client.list_artifacts(run_id, folder)}
+    traces = [f"rank{rank}-steps1-2.trace.json.gz" for rank in (0, 1)]
+    assert paths == {"config.yaml", "metrics.json", "predictions", "profile"} | \
+        {f"predictions/{f}" for f in PREDICTION_FILES} | {f"profile/{f}" for f in [*traces, "summary.txt"]}
+    for name in traces:  # the regions of tests/test_profiling.py, and DDP's all-reduce of the gradients
+        names = {e["name"] for e in trace.load(tmp_path / "run" / "profile" / name)}
+        assert {"block2/conv5x5", "block2/batchnorm", "block2/pair1x1", "pool1", "loss", "backward",
+                "optimizer.step"} <= names, sorted(names)
+        assert trace.analyze(tmp_path / "run" / "profile" / name)["allreduce_ms"] > 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["mlflow_run_id"] == run_id
     assert run.data.metrics["test/acc"] == pytest.approx(metrics["test_acc"])
