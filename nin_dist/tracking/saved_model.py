@@ -168,29 +168,57 @@ def read_saved_model(folder: Path):
         return Model.from_dict(yaml.safe_load(f))
 
 
+class UnfitModel(ValueError):
+    """A saved model that must not be logged: it would not run this project's served code."""
+
+
+def check_served_code(files: Path, saved) -> None:
+    """Raise UnfitModel unless the model in `files` (its MLmodel read as `saved`) loads this
+    project's own served_model.py, byte for byte, and no other code.
+
+    A run folder on shared storage may be changed between the run and a replay, and whoever loads
+    the logged model runs its code: a replay must not upload code the run did not write. A spool
+    written by another version of nin-dist is refused too: replay it with that version.
+    """
+    flavors = saved.flavors or {}
+    pyfunc = flavors.get("python_function") or {}
+    if (set(flavors) != {"python_function", "pytorch"} or "python_model" in pyfunc
+            or pyfunc.get("loader_module") != "mlflow.pyfunc.loaders.code_model"
+            or Path(str(pyfunc.get("model_code_path"))).name != SERVED_CODE.name):
+        raise UnfitModel(f"its MLmodel does not serve {SERVED_CODE.name} as nin-train saves it")
+    if any(flavor.get("code") for flavor in flavors.values() if isinstance(flavor, dict)):
+        raise UnfitModel("its MLmodel adds code paths, which nin-train never saves")
+    code = files / SERVED_CODE.name
+    if code.is_symlink() or not code.is_file() or code.read_bytes() != SERVED_CODE.read_bytes():
+        raise UnfitModel(f"its {SERVED_CODE.name} is not this nin-dist's {SERVED_CODE} (changed after the run "
+                         f"saved it, or saved by another version of nin-dist: replay with that one)")
+
+
 def log_saved_model(client, run_id: str, folder: Path, saved, name: str, step: int) -> None:
-    """Log the model saved in `folder` (its MLmodel read as `saved`) as the run's model `name`."""
+    """Log the model saved in `folder` (its MLmodel read as `saved`) as the run's model `name`.
+    UnfitModel, before anything is sent, when a copy of it fails `check_served_code`."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
-    run = client.get_run(run_id)
-    logged = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
-                                        params=dict(run.data.params), tags=context_tags({}))
-    try:
-        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
-        _link_step_metrics(client, run_id, logged.model_id, step)
-        saved.artifact_path, saved.run_id = logged.artifact_location, run_id
-        saved.model_uuid = saved.model_id = logged.model_id
-        with tempfile.TemporaryDirectory(prefix="nin-model-") as tmp:
-            files = Path(tmp) / "model"
-            shutil.copytree(folder, files)  # the spool's folder stays as it was, for a resend
+    with tempfile.TemporaryDirectory(prefix="nin-model-") as tmp:
+        files = Path(tmp) / "model"
+        shutil.copytree(folder, files)  # the spool's folder stays as it was, for a resend
+        check_served_code(files, saved)  # on the copy: what is checked is what is sent
+        run = client.get_run(run_id)
+        logged = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                            params=dict(run.data.params), tags=context_tags({}))
+        try:
+            client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
+            _link_step_metrics(client, run_id, logged.model_id, step)
+            saved.artifact_path, saved.run_id = logged.artifact_location, run_id
+            saved.model_uuid = saved.model_id = logged.model_id
             saved.save(str(files / MLMODEL))
             client.log_model_artifacts(logged.model_id, str(files))
-    except BaseException:
-        try:
-            client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
-        except Exception:  # the store is away: the model stays PENDING, and a resend logs a new one
-            pass
-        raise
+        except BaseException:
+            try:
+                client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            except Exception:  # the store is away: the model stays PENDING, and a resend logs a new one
+                pass
+            raise
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
 
 
