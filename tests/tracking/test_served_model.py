@@ -12,9 +12,12 @@ import importlib.util
 import os
 
 import mlflow.pyfunc
+import numpy as np
 import pytest
 import torch
 from helpers import REPO
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 
 from nin_dist.classifier import RawImageClassifier
 from nin_dist.config import load_config
@@ -88,3 +91,18 @@ def test_loading_the_model_in_a_worker_of_two_sets_torchs_threads(fast_model, mo
         assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_mlflow_hands_the_model_its_input_as_sent_for_the_mark_it_reads(fast_model):
+    """The one private MLflow flag the served model rests on (mlflow_internals.inputs_as_sent, MLflow
+    bounded in pyproject.toml): the saved MLmodel keeps it through a load, the signature shown stays
+    the uint8 tensor, and PyFuncModel.predict hands floats to the model's own check rather than
+    enforcing the signature on them (whose error names MLflow's schema, not the images expected)."""
+    path = fast_model[2]
+    meta = Model.load(str(path / "MLmodel"))
+    assert meta._is_signature_from_type_hint()
+    assert meta.signature.inputs.to_dict() == [{"type": "tensor",
+                                                "tensor-spec": {"dtype": "uint8", "shape": (-1, 28, 28)}}]
+    with pytest.raises(MlflowException) as caught:
+        mlflow.pyfunc.load_model(str(path)).predict(np.full((1, 28, 28), 0.5))
+    assert caught.value.message.startswith("expected uint8 images of shape (N, 28, 28)"), caught.value.message
