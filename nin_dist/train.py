@@ -195,18 +195,11 @@ class Trainer:
         return results, scores.predictions
 
     def _finish(self, results: dict, predictions: torch.Tensor | None) -> dict:
-        """Log the test predictions and the model (fp32, what inference uses), write metrics.json.
-
-        The logged model scores the test split as it is served (`MLflowTracker.log_model`): its
-        test/acc and test/loss are the run's final ones in MLflow and metrics.json, so the numbers
-        beside the model are the model's, not those of the run's precision (bf16 autocast differs
-        in the last digits). One more pass over the test split on rank 0's CPU, only when a model
-        is logged."""
+        """Log the test predictions and the model (fp32, its test scores as served), write metrics.json."""
         if predictions is not None:
             self.tracker.log_test_predictions(self.test_split, predictions.cpu())
-        served = self.tracker.log_model(self.evaluated.portable_copy(), self.test_split.images[:2].cpu(),
-                                        test_split=self.test_split)
-        results = results | (served or {})
+        model, split = self.evaluated.portable_copy(), self.test_split
+        results = results | (self.tracker.log_model(model, split.images[:2].cpu(), split) or {})
         metrics = {"test_acc": results.get("test/acc"), "test_loss": results.get("test/loss"),
                    "val_acc": results.get("val/acc"), "val_loss": results.get("val/loss"),
                    "train_loss": results.get("train/epoch_loss"), "train_acc": results.get("train/acc"),
