@@ -4,8 +4,9 @@
 [N, 1, 28, 28], and returns the class probabilities [N, 10] (fp32). Everything the run did before
 the network is inside, read from the run's config: `nin_dist.data.to_inputs` (scale to [0, 1],
 `data.normalize`, resize to `data.resize`, one channel), then the network, the softmax and, with
-`train.tta`, the mean of the image's and its mirror image's probabilities, as `nin_dist.evaluate`
-scores them. Training's random draws (flips, augmentation) are not part of it: they are for training.
+`train.tta`, the mean of the image's and its mirror image's probabilities: the class probabilities
+of `nin_dist.evaluate.class_log_probabilities`, the function the evaluation scores with.
+Training's random draws (flips, augmentation) are not part of it: they are for training.
 
 `export_classifier` traces it with `torch.export` (batch size dynamic, from 1) and saves the graph
 (`torch.export.save`). Loading that file (`torch.export.load`) needs torch alone, not this package,
@@ -17,11 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nin_dist.config import DataConfig
 from nin_dist.data import IMAGE_SIDE, to_inputs
+from nin_dist.evaluate import class_log_probabilities
 
 MAX_BATCH = 1 << 20  # the exported graph's largest batch (torch.export wants a bound; callers send chunks)
 
@@ -36,10 +37,7 @@ class RawImageClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = to_inputs(images.reshape(-1, IMAGE_SIDE, IMAGE_SIDE), self.data)
-        p = F.softmax(self.network(x).float(), 1)
-        if self.tta:  # the mean of the two distributions (see nin_dist.evaluate)
-            p = (p + F.softmax(self.network(x.flip(-1)).float(), 1)) / 2
-        return p
+        return class_log_probabilities(self.network, x, self.tta).exp()
 
 
 def export_classifier(network: nn.Module, data: DataConfig, tta: bool, images: torch.Tensor, path: Path) -> None:

@@ -62,10 +62,18 @@ def evaluate(model: torch.nn.Module, split: Split, data: DataConfig, train: Trai
 
 def log_probabilities(model: torch.nn.Module, inputs: torch.Tensor, train: TrainConfig,
                       device: torch.device) -> torch.Tensor:
-    """[B, classes] log class probabilities (fp32); with train.tta, of the mean over each image and its mirror."""
+    """[B, classes] log class probabilities (fp32) under the run's autocast; with train.tta, of the
+    mean over each image and its mirror."""
     with autocast(train, device):
-        log_p = F.log_softmax(model(inputs).float(), 1)
-        if not train.tta:
-            return log_p
-        mirrored = F.log_softmax(model(inputs.flip(-1)).float(), 1)
+        return class_log_probabilities(model, inputs, train.tta)
+
+
+def class_log_probabilities(model: torch.nn.Module, inputs: torch.Tensor, tta: bool) -> torch.Tensor:
+    """[B, classes] log class probabilities (fp32) of `inputs`; with `tta`, log((p + p') / 2) where
+    p' is the mirror image's. The one place TTA is computed: the evaluation and the served model
+    (`nin_dist.classifier`) both call it, so they average the same way."""
+    log_p = F.log_softmax(model(inputs).float(), 1)
+    if not tta:
+        return log_p
+    mirrored = F.log_softmax(model(inputs.flip(-1)).float(), 1)
     return torch.logaddexp(log_p, mirrored) - math.log(2)  # log((p + p') / 2), without leaving log space

@@ -196,9 +196,11 @@ class Trainer:
         return results, scores.predictions
 
     def _finish(self, results: dict, predictions: torch.Tensor | None) -> dict:
-        """Log the test predictions, write metrics.json and log the model (fp32, what inference uses)."""
+        """Log the test predictions and the model (fp32, its test scores as served), write metrics.json."""
         if predictions is not None:
             self.tracker.log_test_predictions(self.test_split, predictions.cpu())
+        model, split = self.evaluated.portable_copy(), self.test_split
+        results = results | (self.tracker.log_model(model, split.images[:2].cpu(), split) or {})
         metrics = {"test_acc": results.get("test/acc"), "test_loss": results.get("test/loss"),
                    "val_acc": results.get("val/acc"), "val_loss": results.get("val/loss"),
                    "train_loss": results.get("train/epoch_loss"), "train_acc": results.get("train/acc"),
@@ -206,7 +208,6 @@ class Trainer:
                    "world_size": self.info.world_size, "mlflow_run_id": self.tracker.run_id,
                    "wall_s": time.perf_counter() - self.started, "history": self.history}
         self.tracker.log_artifact_file(self.run_dir.write_json("metrics.json", metrics))
-        self.tracker.log_model(self.evaluated.portable_copy(), self.test_split.images[:2].cpu())
         return metrics
 
     def save(self) -> None:

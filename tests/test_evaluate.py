@@ -1,4 +1,5 @@
-"""Evaluation with mirror TTA: the mean of the two views' probabilities, against both views scored by hand."""
+"""Evaluation with mirror TTA: the mean of the two views' probabilities, against both views scored by hand,
+and the served classifier's TTA, the same computation."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import CPU_CONFIG
 
+from nin_dist.classifier import RawImageClassifier
 from nin_dist.config import load_config
 from nin_dist.data import load_split, to_inputs
 from nin_dist.distributed import DistInfo
@@ -32,6 +34,11 @@ def test_tta_scores_the_mean_of_the_image_and_mirror_probabilities(data_root):
     assert abs(scored.loss - expected_loss) < 1e-5, (scored.loss, expected_loss)
     assert torch.equal(scored.predictions, mean.argmax(1))
     assert scored.acc == (mean.argmax(1) == split.labels).double().mean().item() and scored.count == 60
+
+    # What the logged model serves averages the same way, to the bit (one batch, as evaluate scored it).
+    with torch.no_grad():
+        served = RawImageClassifier(model.eval(), cfg.data, tta=True)(split.images[:25])  # evaluate left it training
+    assert torch.equal(served, scored.probabilities[:25])
 
     plain = evaluate(model, split, cfg.data, cfg.train, WORLD_OF_ONE)  # one view: the image itself
     expected_plain = -views[0][torch.arange(len(split)), split.labels].log().mean().item()

@@ -20,7 +20,8 @@ loaded), the end status keeps its end time.
 A spool may come from a run folder on shared storage, so a record is checked before anything is
 sent: `record_problem` (the fields of its kind, with their types) and `staged_path` (its `file`, as
 the spool names it, `files/<id>/...`, must lie inside the spool's `files/` folder once every
-symlink is resolved, and hold plain files and folders only). A record that fails raises
+symlink is resolved, and hold plain files and folders only); a model must carry this project's own
+served code (`saved_model.check_served_code`: whoever loads it runs it). A record that fails raises
 `BadRecord`: it is never worth sending as it is. `refused` tells a record the store rejected
 (neither worth sending again) from one that failed on the way.
 """
@@ -34,7 +35,7 @@ from pathlib import Path, PurePosixPath
 
 from nin_dist.errors import first_line
 from nin_dist.tracking.registry import NothingToRegister, register_version
-from nin_dist.tracking.saved_model import log_saved_model, read_saved_model
+from nin_dist.tracking.saved_model import UnfitModel, log_saved_model, read_saved_model
 from nin_dist.tracking.store import MAX_BATCH_METRICS
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,10 @@ def apply_record(client, record: dict, folder: Path) -> None:
                 saved = read_saved_model(path)
             except Exception as err:  # the folder's own MLmodel, read here: any failure is the folder's
                 raise BadRecord(f"its model {record['file']} has no readable MLmodel ({first_line(err)})") from None
-            log_saved_model(client, run_id, path, saved, record["name"], record["step"])
+            try:
+                log_saved_model(client, run_id, path, saved, record["name"], record["step"])
+            except UnfitModel as err:  # tampered with, or another version's: nothing was sent
+                raise BadRecord(f"its model {record['file']}: {err}") from None
         elif path.is_dir():
             client.log_artifacts(run_id, str(path), record["artifact_path"])
         else:

@@ -8,7 +8,8 @@
   (copied into the model, self-contained) runs the artifact `classifier`, a `torch.export` graph of
   preprocessing + network + softmax (`nin_dist.classifier`). Its signature is a uint8 TensorSpec
   (-1, 28, 28) in, label / class_name / probabilities out; MLflow passes inputs to it as sent
-  (`mlflow_internals.inputs_as_sent`), and it refuses bad ones itself.
+  (`mlflow_internals.inputs_as_sent`), and it refuses bad ones itself. Its config holds the class
+  names and the values of the network's largest activation per image, which size its chunks.
 - `pytorch`, the plain network for PyTorch users (`mlflow.pytorch.load_model`): the graph
   `mlflow.pytorch.save_model` exports (`serialization_format="pt2"`), preprocessed float inputs
   [N, 1, R, R] in, logits out, as `nin-eval` scores it. Its files and flavor entry are MLflow's own,
@@ -55,7 +56,6 @@ def save_model(model, images, data, tta: bool, path: Path) -> None:
     uint8 test images) are its examples, `data` (the run's `DataConfig`) and `tta` its preprocessing."""
     import mlflow.pyfunc
     import mlflow.pytorch
-    import torch
     from mlflow.models import Model, infer_signature
 
     from nin_dist.classifier import export_classifier
@@ -67,13 +67,12 @@ def save_model(model, images, data, tta: bool, path: Path) -> None:
     model = _in_default_layout(model)
     images = images[:2].cpu()
     x = to_inputs(images, data)
-    with torch.no_grad():
-        y = model(x)
+    y, activation_values = _run_measured(model, x)
     with tempfile.TemporaryDirectory(prefix="nin-model-") as tmp:
         graph, network = Path(tmp) / "classifier.pt2", Path(tmp) / "network"
         export_classifier(model, data, tta, images, graph)
         mlflow.pyfunc.save_model(str(path), python_model=str(SERVED_CODE), artifacts={"classifier": str(graph)},
-                                 model_config={"classes": list(CLASSES)},
+                                 model_config={"classes": list(CLASSES), "activation_values": activation_values},
                                  signature=inputs_as_sent(served_signature()), input_example=images.numpy(),
                                  pip_requirements=model_requirements())
         mlflow.pytorch.save_model(model, str(network), signature=infer_signature(x.numpy(), y.numpy()),
@@ -84,6 +83,32 @@ def save_model(model, images, data, tta: bool, path: Path) -> None:
         shutil.move(str(network / conf["model_data"]), str(path / conf["model_data"]))
         saved.add_flavor("pytorch", **conf)
         saved.save(str(path / MLMODEL))
+
+
+def served_scores(path: Path, split) -> dict[str, float]:
+    """`test/acc` and `test/loss` of the MLflow model saved at `path` over `split`, as MLflow serves it.
+
+    The model is loaded with `mlflow.pyfunc.load_model`, the way `mlflow models serve` loads it, and
+    scores the raw images: the numbers are those of what is served (the fp32 CPU graph), not of the
+    run's evaluation, which computes in the run's precision (bf16 autocast gives other last digits,
+    and now and then another class). The loss is the mean cross-entropy of the served probabilities,
+    as `nin_dist.evaluate` defines it. Loading may set torch's threads (`served_model`): they are put
+    back. Only for a folder this process has just saved: loading a model runs its code.
+    """
+    import mlflow.pyfunc
+    import numpy as np
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        answer = mlflow.pyfunc.load_model(str(path)).predict(split.images.cpu().numpy())
+    finally:
+        torch.set_num_threads(threads)
+    labels = split.labels.cpu().numpy()
+    probabilities = np.array(answer["probabilities"].tolist())
+    p_true = probabilities[np.arange(len(labels)), labels]
+    return {"test/acc": float(np.mean(answer["label"].to_numpy() == labels)),
+            "test/loss": float(-np.log(np.maximum(p_true, np.finfo(np.float32).tiny)).mean())}
 
 
 def served_signature():
@@ -99,6 +124,26 @@ def served_signature():
     outputs = Schema([ColSpec(DataType.long, "label"), ColSpec(DataType.string, "class_name"),
                       ColSpec(Array(DataType.double), "probabilities")])
     return ModelSignature(inputs, outputs)
+
+
+def _run_measured(model, x):
+    """(model(x), the values of the largest tensor any layer of `model` makes for one image of `x`):
+    the served model sizes its chunks by the latter (`served_model.VALUES_PER_CALL`)."""
+    import torch
+
+    largest = [x[0].numel()]
+
+    def measure(module, inputs, output):
+        largest[0] = max(largest[0], output[0].numel())  # output[0]: one image's
+
+    hooks = [m.register_forward_hook(measure) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            y = model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return y, largest[0]
 
 
 def _in_default_layout(model):
@@ -123,39 +168,72 @@ def read_saved_model(folder: Path):
         return Model.from_dict(yaml.safe_load(f))
 
 
+class UnfitModel(ValueError):
+    """A saved model that must not be logged: it would not run this project's served code."""
+
+
+def check_served_code(files: Path, saved) -> None:
+    """Raise UnfitModel unless the model in `files` (its MLmodel read as `saved`) loads this
+    project's own served_model.py, byte for byte, and no other code.
+
+    A run folder on shared storage may be changed between the run and a replay, and whoever loads
+    the logged model runs its code: a replay must not upload code the run did not write. A spool
+    written by another version of nin-dist is refused too: replay it with that version.
+    """
+    flavors = saved.flavors or {}
+    pyfunc = flavors.get("python_function") or {}
+    if (set(flavors) != {"python_function", "pytorch"} or "python_model" in pyfunc
+            or pyfunc.get("loader_module") != "mlflow.pyfunc.loaders.code_model"
+            or Path(str(pyfunc.get("model_code_path"))).name != SERVED_CODE.name):
+        raise UnfitModel(f"its MLmodel does not serve {SERVED_CODE.name} as nin-train saves it")
+    if any(flavor.get("code") for flavor in flavors.values() if isinstance(flavor, dict)):
+        raise UnfitModel("its MLmodel adds code paths, which nin-train never saves")
+    code = files / SERVED_CODE.name
+    if code.is_symlink() or not code.is_file() or code.read_bytes() != SERVED_CODE.read_bytes():
+        raise UnfitModel(f"its {SERVED_CODE.name} is not this nin-dist's {SERVED_CODE} (changed after the run "
+                         f"saved it, or saved by another version of nin-dist: replay with that one)")
+
+
 def log_saved_model(client, run_id: str, folder: Path, saved, name: str, step: int) -> None:
-    """Log the model saved in `folder` (its MLmodel read as `saved`) as the run's model `name`."""
+    """Log the model saved in `folder` (its MLmodel read as `saved`) as the run's model `name`.
+    UnfitModel, before anything is sent, when a copy of it fails `check_served_code`."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
-    run = client.get_run(run_id)
-    logged = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
-                                        params=dict(run.data.params), tags=context_tags({}))
-    try:
-        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
-        _link_step_metrics(client, run_id, logged.model_id, step)
-        saved.artifact_path, saved.run_id = logged.artifact_location, run_id
-        saved.model_uuid = saved.model_id = logged.model_id
-        with tempfile.TemporaryDirectory(prefix="nin-model-") as tmp:
-            files = Path(tmp) / "model"
-            shutil.copytree(folder, files)  # the spool's folder stays as it was, for a resend
+    with tempfile.TemporaryDirectory(prefix="nin-model-") as tmp:
+        files = Path(tmp) / "model"
+        shutil.copytree(folder, files)  # the spool's folder stays as it was, for a resend
+        check_served_code(files, saved)  # on the copy: what is checked is what is sent
+        run = client.get_run(run_id)
+        logged = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                            params=dict(run.data.params), tags=context_tags({}))
+        try:
+            client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
+            _link_step_metrics(client, run_id, logged.model_id, step)
+            saved.artifact_path, saved.run_id = logged.artifact_location, run_id
+            saved.model_uuid = saved.model_id = logged.model_id
             saved.save(str(files / MLMODEL))
             client.log_model_artifacts(logged.model_id, str(files))
-    except BaseException:
-        try:
-            client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
-        except Exception:  # the store is away: the model stays PENDING, and a resend logs a new one
-            pass
-        raise
+        except BaseException:
+            try:
+                client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            except Exception:  # the store is away: the model stays PENDING, and a resend logs a new one
+                pass
+            raise
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
 
 
 def _link_step_metrics(client, run_id: str, model_id: str, step: int) -> None:
-    """The run's metrics at `step`, linked to the model (what `mlflow.pytorch.log_model` does)."""
+    """The run's metrics at `step`, linked to the model (what `mlflow.pytorch.log_model` does): of a
+    metric logged more than once at that step, the latest, the value MLflow shows for the run (the
+    served model's `test/acc` comes after the evaluation's at the same step: `MLflowTracker.log_model`)."""
     from mlflow.entities import Metric
 
+    latest = {}
+    for key in client.get_run(run_id).data.metrics:
+        for m in client.get_metric_history(run_id, key):
+            if m.step == step and m.model_id is None and (key not in latest or m.timestamp >= latest[key].timestamp):
+                latest[key] = m
     metrics = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, dataset_name=m.dataset_name,
-                      dataset_digest=m.dataset_digest, run_id=run_id)
-               for key in client.get_run(run_id).data.metrics
-               for m in client.get_metric_history(run_id, key) if m.step == step and m.model_id is None]
+                      dataset_digest=m.dataset_digest, run_id=run_id) for m in latest.values()]
     for lo in range(0, len(metrics), MAX_BATCH_METRICS):
         client.log_batch(run_id, metrics=metrics[lo: lo + MAX_BATCH_METRICS])

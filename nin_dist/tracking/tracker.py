@@ -26,7 +26,7 @@ from nin_dist.errors import TrackingError
 from nin_dist.tracking.mlflow_internals import system_metrics_monitor
 from nin_dist.tracking.redaction import quiet_run_links, redact, redact_error, redact_uri, run_link, secret_values
 from nin_dist.tracking.run import open_run
-from nin_dist.tracking.saved_model import save_model
+from nin_dist.tracking.saved_model import save_model, served_scores
 from nin_dist.tracking.sender import Sender
 from nin_dist.tracking.spool import Spool
 from nin_dist.tracking.store import HttpBounds, check_reachable, resolve_uri
@@ -177,25 +177,37 @@ class MLflowTracker:
 
         self._put(render)
 
-    def log_model(self, model, images) -> None:
+    def log_model(self, model, images, test_split=None) -> dict[str, float] | None:
         """The model as the MLflow model named "model" (`nin_dist.tracking.saved_model`: raw images in,
         the run's preprocessing inside; the plain network as its pytorch flavor), with `images` (raw
         uint8 test images) as examples, then a new version of `tracking.register_model` when set.
-        `model` must run on the CPU as it is (`NiN.portable_copy()`)."""
+        `model` must run on the CPU as it is (`NiN.portable_copy()`).
+
+        With `test_split`, the saved model, loaded as MLflow serves it, scores that split, and its
+        `test/acc` and `test/loss` are logged at the model's step just before the model, which is
+        linked to them (the latest value of each metric at its step): what MLflow shows beside the
+        model is what the model scores, whatever precision the run evaluated in. Returns those
+        scores (None when no model was saved)."""
         if not self._log_model_enabled or self._closed:
-            return
+            return None
         try:
             path = self._spool.stage("model")
             save_model(model, images, *self._preprocessing, path)
+            scores = served_scores(path, test_split) if test_split is not None else None
         except Exception:  # the run's result is in the checkpoint; a tracking copy must not fail it
             log.exception("tracking: the model could not be saved for MLflow (the checkpoint holds its weights)")
-            return
+            return None
+        if scores is not None:
+            log.info("tracking: the model, as MLflow serves it, scores test loss %.4f acc %.4f (%d images)",
+                     scores["test/loss"], scores["test/acc"], len(test_split))
+            self.log_metrics(scores, self._last_step)
         record = {"kind": "model", "run_id": self.run_id, "file": self._spool.relative(path), "name": "model",
                   "step": self._last_step}
         self._put(lambda: record)
         if self._register_as:  # after the model record: the version is made from the READY LoggedModel
             register = {"kind": "register", "run_id": self.run_id, "name": self._register_as, "model": "model"}
             self._put(lambda: register)
+        return scores
 
     def close(self, status: str = "FINISHED") -> None:
         """Stop system metrics, end the run with `status`, send or keep everything queued, and lift

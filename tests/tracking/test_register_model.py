@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 
 import mlflow
 import mlflow.pyfunc
@@ -34,6 +35,7 @@ from nin_dist import checkpoint
 from nin_dist.config import load_config
 from nin_dist.data import CLASSES, load_split, to_inputs
 from nin_dist.model import NiN, build_model
+from nin_dist.precision import native_bf16
 from nin_dist.sweep.parent import ParentRun
 from nin_dist.tracking import make_tracker
 from nin_dist.tracking import sync as sync_spool
@@ -82,6 +84,44 @@ def test_a_run_registers_its_model_and_the_alias_loads_it(registered):
     batch = to_inputs(registered["images"].images[:8], cfg.data)
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch), net.eval()(batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16", "fp64"])
+def precision_run(request, registered, tmp_path_factory, sqlite_uri):
+    """A run in `train.precision` = the param that logged its model: the module's run for fp32, else
+    one more tiny run (two steps)."""
+    if request.param == "fp32":
+        return registered["run"], registered["root"] / "run"
+    if request.param == "bf16" and not native_bf16(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16 (avx512_bf16, amx_bf16, Arm bf16): a bf16 run would be emulated")
+    root = tmp_path_factory.mktemp(request.param)
+    overrides = [arg for arg in SMOKE if not arg.startswith(("train.precision=", "data.train_limit="))]
+    args = ["--config", str(CPU_CONFIG), *overrides, "data.train_limit=128", "train.max_steps=2",
+            f"train.precision={request.param}", f"tracking.uri={sqlite_uri}", f"run.out_dir={root}/run",
+            f"run.name={request.param}"]
+    assert train_in_process(args) == 0
+    client = MlflowClient(sqlite_uri)
+    run_id = json.loads((root / "run" / "metrics.json").read_text())["mlflow_run_id"]
+    return client.get_run(run_id), root / "run"
+
+
+def test_the_runs_test_acc_and_loss_are_what_its_logged_model_scores(precision_run, registered):
+    """bf16 evaluates under autocast, fp64 in float64; the model is served in fp32: the run's final
+    test/acc and test/loss, the model's linked metrics and metrics.json are the served model's, scored
+    here with mlflow.pyfunc.load_model over the run's test images."""
+    run, run_dir = precision_run
+    (output,) = run.outputs.model_outputs
+    mlflow.set_tracking_uri(registered["uri"])
+    answer = mlflow.pyfunc.load_model(f"models:/{output.model_id}").predict(registered["images"].images.numpy())
+    labels = registered["images"].labels.numpy()
+    accuracy = float(np.mean(answer["label"].to_numpy() == labels))
+    loss = float(-np.log(np.array(answer["probabilities"].tolist())[np.arange(len(labels)), labels]).mean())
+
+    linked = {m.key: m.value for m in registered["client"].get_logged_model(output.model_id).metrics}
+    written = json.loads((run_dir / "metrics.json").read_text())
+    for shown in (run.data.metrics, linked, {"test/acc": written["test_acc"], "test/loss": written["test_loss"]}):
+        assert shown["test/acc"] == pytest.approx(accuracy, abs=1e-12)
+        assert shown["test/loss"] == pytest.approx(loss, abs=1e-6)  # bf16's differs from 1e-4 up
 
 
 def mlflow_cli(registered, *args: str):
@@ -187,8 +227,18 @@ def test_predict_in_python_answers_raw_images_and_refuses_bad_ones_in_one_line(r
     answer = model.predict(images)
     assert list(answer.columns) == ["label", "class_name", "probabilities"] and len(answer) == 3
     assert model.predict(images[:, None]).label.tolist() == answer.label.tolist()
+    # Any integer array within 0-255 is an image: int64 (np.array of Python ints), uint16, and a
+    # read-only uint8 array read straight from the IDX bytes (np.frombuffer), with no warning.
+    read_only = np.frombuffer(images.tobytes(), dtype=np.uint8).reshape(3, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for same in (images.astype(np.int64), images.astype(np.uint16), read_only):
+            assert model.predict(same).label.tolist() == answer.label.tolist(), same.dtype
     for bad, says in ((images.astype(np.float32) / 255, "got a float32 array (send the raw pixel integers"),
-                      (images.astype(np.int64), "got a int64 array"), (images.reshape(3, 784), "got shape (3, 784)"),
+                      (images.astype(np.int64) + 1, "got values from 1 to 256"),
+                      (images.astype(np.int16) - 1, "got values from -1 to 254"),
+                      (images.astype(bool), "got a bool array"),
+                      (images.reshape(3, 784), "got shape (3, 784)"),
                       (images[:, :14], "got shape (3, 14, 28)"), ("an image", "got a str")):
         with pytest.raises(MlflowException) as caught:
             model.predict(bad)

@@ -19,7 +19,9 @@ import threading
 from pathlib import Path
 
 import mlflow
+import mlflow.pyfunc
 import mlflow.pytorch
+import numpy as np
 import pytest
 import torch
 from helpers import REPO, holding
@@ -328,12 +330,21 @@ def tamper(model_folder: Path, into: Path, marker: Path) -> Path:
     return into
 
 
-def test_a_model_is_replayed_from_its_files_never_unpickled(setup, tmp_path, sqlite_uri):
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(a tiny network, an example input, the MLflow model nin-train saves for it), saved once."""
+    torch.manual_seed(0)
     net = NiN(TINY).eval()
     images = torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8)
-    example = to_inputs(images, DataConfig(resize=28))
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    save_model(net, images, DataConfig(resize=28), False, folder)
+    return net, to_inputs(images, DataConfig(resize=28)), folder
+
+
+def test_a_model_is_replayed_from_its_files_never_unpickled(setup, saved, tmp_path, sqlite_uri):
+    net, example, folder = saved
     genuine = setup.spool.stage("model")
-    save_model(net, images, DataConfig(resize=28), False, genuine)
+    shutil.copytree(folder, genuine)
     # The threat is real: loading the tampered folder runs its code.
     tamper(genuine, tmp_path / "threat", tmp_path / "marker-when-loaded")
     with contextlib.suppress(AttributeError):  # what it unpickles is no model
@@ -355,4 +366,49 @@ def test_a_model_is_replayed_from_its_files_never_unpickled(setup, tmp_path, sql
         torch.testing.assert_close(loaded(example), net(example))
     logged = setup.client.get_logged_model(outputs[2])
     assert logged.status == LoggedModelStatus.READY and logged.source_run_id == setup.run_id
+    assert not marker.exists() and setup.victim_untouched()
+
+
+def served_code_changed(genuine: Path, into: Path, how: str, marker: Path) -> Path:
+    """A copy of a saved model whose served code is not the project's: code that creates `marker` when
+    the model is loaded, as served_model.py itself, as another file the MLmodel names, or on a code path."""
+    shutil.copytree(genuine, into)
+    evil = f"open({str(marker)!r}, 'w')\n"
+    mlmodel = (into / "MLmodel").read_text()
+    if how == "replaced":
+        (into / "served_model.py").write_text(evil + (into / "served_model.py").read_text())
+    elif how == "renamed":
+        (into / "other.py").write_text(evil + (into / "served_model.py").read_text())
+        (into / "MLmodel").write_text(mlmodel.replace("served_model.py", "other.py"))
+    else:  # "code path": a module of the same name as one served_model.py imports, first on sys.path
+        (into / "code").mkdir()
+        (into / "code" / "pandas.py").write_text(evil)
+        (into / "MLmodel").write_text(mlmodel.replace("    code: null\n", "    code: code\n", 1))
+    return into
+
+
+def test_a_model_whose_served_code_is_not_the_projects_is_kept_not_sent(setup, saved, tmp_path, caplog, sqlite_uri):
+    """Whoever loads a logged model runs its code: a replay sends only the code nin-train wrote."""
+    net, example, folder = saved
+    marker = tmp_path / "ran"
+    steps = {}
+    for step, how in enumerate(("replaced", "renamed", "code path", "genuine"), start=1):
+        staged = setup.spool.stage("model")
+        if how == "genuine":
+            shutil.copytree(folder, staged)
+        else:
+            served_code_changed(folder, staged, how, marker)
+        setup.spool.append({"kind": "model", "run_id": setup.run_id, "file": setup.spool.relative(staged),
+                            "name": "model", "step": step})
+        steps[how] = step
+    with caplog.at_level(logging.WARNING, logger="nin_dist.tracking.spool"):
+        assert sync_spool(setup.run_dir) == 1, "three kept"
+    kept = [r.getMessage() for r in caplog.records if "kept, not sent" in r.getMessage()]
+    assert len(kept) == 3 and all("served_model.py" in m or "code paths" in m for m in kept), kept
+    assert [json.loads(line)["step"] for line in lines(setup.spool)] == [1, 2, 3]
+    outputs = setup.client.get_run(setup.run_id).outputs.model_outputs
+    assert [o.step for o in outputs] == [steps["genuine"]]
+    mlflow.set_tracking_uri(sqlite_uri)
+    loaded = mlflow.pyfunc.load_model(f"models:/{outputs[0].model_id}")
+    assert len(loaded.predict(np.zeros((1, 28, 28), dtype=np.uint8))) == 1
     assert not marker.exists() and setup.victim_untouched()
