@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import sys
 
 import torch
@@ -123,9 +122,9 @@ class NiN(nn.Sequential):
         return x
 
 
-@functools.cache
 def _part_names(block: str, kernel_size: tuple[int, int]) -> tuple[str, str, str]:
-    """A block's regions: its k x k conv, its BatchNorm, its 1x1 pair (with the ReLU before it)."""
+    """A block's regions: its k x k conv, its BatchNorm, its 1x1 pair (with the ReLU before it). Not cached:
+    a few string formats a step, and torch.compile warns on (and ignores) a cache wrapper it traces."""
     return f"{block}/conv{kernel_size[0]}x{kernel_size[1]}", f"{block}/batchnorm", f"{block}/pair1x1"
 
 

@@ -142,9 +142,22 @@ def say(message: str) -> None:
 def supervise(cmd: list[str], watch: RendezvousWatch) -> int:
     subreaper = _prctl(PR_SET_CHILD_SUBREAPER, 1)
     parent = os.getpid()
-    agent = subprocess.Popen(cmd, preexec_fn=lambda: _in_agent_before_exec(parent))  # noqa: PLW1509 (one thread)
+    # The handlers go in before torchrun starts: a signal that lands while it starts (it may already
+    # be printing) is kept and passed on once it runs, instead of ending this process by default.
+    received: list[int] = []
+    agent: subprocess.Popen | None = None
+
+    def forward(signum, frame) -> None:
+        if agent is None:
+            received.append(signum)
+        else:
+            agent.send_signal(signum)
+
     for signum in FORWARDED:
-        signal.signal(signum, lambda signum, frame: agent.send_signal(signum))
+        signal.signal(signum, forward)
+    agent = subprocess.Popen(cmd, preexec_fn=lambda: _in_agent_before_exec(parent))  # noqa: PLW1509 (one thread)
+    for signum in received:
+        agent.send_signal(signum)
     if watch.cut_off_s <= 0:
         say(f"the watch is off (CUT_OFF_S=0): if this node is cut off from {watch.endpoint}, torchrun may hang "
             "for many minutes")
