@@ -112,6 +112,9 @@ class ParentRun:
         self.client.set_tag(self.run_id, "sweep.best_model", f"models:/{model_name}/{versions[0].version}")
         return f"models:/{model_name}@{BEST_ALIAS}"
 
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
     def end(self, status: str) -> None:
         try:
             self.client.set_terminated(self.run_id, status)

@@ -1,0 +1,119 @@
+"""nin-sweep's storage and workers without a trial: what is refused before any work (one line, exit 2,
+nothing started), which storage a sweep takes up, a study made with another search space, the
+claim of trial numbers by racing processes, and each worker's share of the machine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+from postgres import PASSWORD as PG_PASSWORD
+from sweeps import config_file
+
+from nin_dist.errors import ConfigError
+from nin_dist.sweep.cli import main
+from nin_dist.sweep.storage import JOURNAL, SQLITE_DB, Storage, resolve
+from nin_dist.sweep.study import open_study
+from nin_dist.sweep.workers import shares
+
+PASSWORD = "pw-77d0-storage"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--workers", "0"], "--workers=0 is not allowed: at least 1"),
+    (["--heartbeat", "5", "--grace", "5"], "--heartbeat=5 --grace=5 is not allowed: 0 < heartbeat < grace"),
+    (["--storage", f"postgresql+psycopg://nin:{PASSWORD}@127.0.0.1:1/db"],
+     "--storage postgresql+psycopg://nin:***@127.0.0.1:1/db cannot be reached: "),
+    (["--storage", "postgresql+pg8000://nin@127.0.0.1:1/db"],
+     "needs the driver pg8000, which is not installed: pip install 'pg8000'"),
+    (["--storage", "redis://127.0.0.1/0"], "is not allowed: postgresql://, mysql:// or sqlite:///"),
+    (["--storage", "sqlite:///{tmp}/o.db", "--workers", "2"], "sqlite takes one worker"),
+])
+def test_bad_workers_or_storage_is_one_line_and_exit_2_nothing_started(tmp_path, capsys, flags, message):
+    pytest.importorskip("psycopg")  # the driver of the dev install; without it the first case reads differently
+    folder = tmp_path / "sweep"
+    code = main(["--config", str(config_file(tmp_path)), "--trials", "2", *[f.format(tmp=tmp_path) for f in flags],
+                 f"run.out_dir={folder}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert PASSWORD not in err
+    assert not folder.exists() and not (tmp_path / "mlflow.db").exists() and not (tmp_path / "o.db").exists()
+
+
+def test_storage_from_the_environment_keeps_its_password_off_the_screen(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NIN_SWEEP_STORAGE", f"postgresql+psycopg://nin:{PASSWORD}@127.0.0.1:1/db")
+    pytest.importorskip("psycopg")
+    code = main(["--config", str(config_file(tmp_path)), "--trials", "2", f"run.out_dir={tmp_path}/sweep"])
+    err = capsys.readouterr().err
+    assert code == 2 and "postgresql+psycopg://nin:***@127.0.0.1:1/db cannot be reached" in err and PASSWORD not in err
+
+
+def test_the_default_storage_is_a_journal_and_an_older_sqlite_study_is_taken_up(tmp_path):
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    assert resolve(None, tmp_path / "sweep", tracking, "lr") == f"journal:{tmp_path / 'sweep' / JOURNAL}"
+    old = f"sqlite:///{tmp_path / SQLITE_DB}"  # where sweeps kept their study beside an sqlite MLflow store
+    optuna.create_study(study_name="lr", storage=old)
+    assert resolve(None, tmp_path / "sweep", tracking, "lr") == old
+    assert resolve(None, tmp_path / "sweep", tracking, "other").startswith("journal:")  # not this study's file
+    assert resolve("postgresql://db/x", tmp_path, tracking, "lr") == "postgresql://db/x"
+
+
+def test_a_study_made_with_another_search_space_is_refused(tmp_path):
+    storage = Storage(f"journal:{tmp_path / JOURNAL}", 5)
+    open_study(storage, "lr", {"search_space": "optim.lr: float 0.001..0.1"}, 1)
+    with pytest.raises(ConfigError, match="was made with another search space .optim.lr: float 0.001..0.1."):
+        open_study(storage, "lr", {"search_space": "optim.lr: float 0.01..1"}, 1)
+
+
+CLAIM = """
+import sys
+from nin_dist.sweep.storage import Storage
+from nin_dist.sweep.study import open_study
+study = open_study(storage := Storage(sys.argv[1], 5), "race", {}, 1)  # the first makes it (and the tables)
+took = 0
+while True:
+    with storage.claim("race"):
+        if len(study.get_trials(deepcopy=False)) >= int(sys.argv[2]):
+            break
+        study.ask()
+        took += 1
+print(took)
+"""
+
+
+def race(url: str, env: dict | None = None) -> None:
+    """Four processes open the study and ask for trials as fast as they can: the study is made once and ends
+    with exactly N trials, every number once."""
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIM, url, "12"], stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(4)]
+    took = [int(p.communicate(timeout=120)[0] or -100) for p in procs]
+    trials = optuna.load_study(study_name="race", storage=Storage(url, 5).open()).trials
+    assert sum(took) == 12 and sorted(t.number for t in trials) == list(range(12)), took
+
+
+def test_racing_processes_make_exactly_n_trials_under_the_claim_lock(tmp_path):
+    race(f"journal:{tmp_path / JOURNAL}")
+
+
+def test_on_postgresql_the_tables_the_study_and_the_trials_are_made_once(postgres, monkeypatch):
+    """The same race on a new PostgreSQL database: its tables and the study made by one process only
+    (optuna#1092), the password from PGPASSWORD alone."""
+    url = postgres.create_db("race")
+    monkeypatch.setenv("PGPASSWORD", PG_PASSWORD)
+    race(url, os.environ.copy())
+
+
+def test_each_worker_gets_its_gpus_or_its_share_of_the_cores():
+    two = shares(None, 2, False, gpus=["0", "1", "2", "3"], cores=16)  # K = 4 GPUs / 2 per trial
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in two] == ["0,1", "2,3"]
+    assert [s.overrides for s in two] == [["train.threads=4"]] * 2
+    cpu = shares(2, 1, False, gpus=[], cores=2)
+    assert [s.env for s in cpu] == [{}, {}] and [s.overrides for s in cpu] == [["train.threads=1"]] * 2
+    assert shares(None, 1, False, gpus=[], cores=8)[0].overrides == ["train.threads=8"]  # K = 1 without GPUs
+    assert shares(2, 1, True, gpus=[], cores=8)[0].overrides == []  # train.threads given: left alone
+    with pytest.raises(ConfigError, match="--workers 3 x --nproc-per-node 1 is not allowed: 2 GPUs are visible"):
+        shares(3, 1, False, gpus=["0", "1"], cores=8)
+
