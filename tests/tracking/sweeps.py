@@ -8,8 +8,8 @@ the same store with launch/mlflow-server.sh and reads the runs in Chromium. test
 both modules on one test worker, so the sweep is run once.
 
 The search space is the learning rate from 1e-5 (a model that stays at chance after an epoch) to 0.1
-(one that learns): with the sampler seed 1535 (each trial seeded with it plus its number) trials 0-2 learn and trial 3 does not, so the median
-pruner stops it after its first epoch.
+(one that learns): with the sampler seed 1535 (each trial seeded with it plus its number) trials 0-2
+learn and trial 3 does not, so the median pruner stops it after its first epoch.
 """
 
 from __future__ import annotations
