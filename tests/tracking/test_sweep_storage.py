@@ -85,13 +85,13 @@ print(took)
 
 
 def race(url: str, env: dict | None = None) -> None:
-    """Four processes open the study and ask for trials as fast as they can: the study is made once and ends
-    with exactly N trials, every number once."""
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIM, url, "12"], stdout=subprocess.PIPE, text=True, env=env)
-             for _ in range(4)]
+    """Three processes open the study and ask for trials as fast as they can: the study is made once and ends
+    with exactly N trials, every number once (without the claim lock: 11 to 13 of 9 here)."""
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIM, url, "9"], stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(3)]
     took = [int(p.communicate(timeout=120)[0] or -100) for p in procs]
     trials = optuna.load_study(study_name="race", storage=Storage(url, 5).open()).trials
-    assert sum(took) == 12 and sorted(t.number for t in trials) == list(range(12)), took
+    assert sum(took) == 9 and sorted(t.number for t in trials) == list(range(9)), took
 
 
 def test_racing_processes_make_exactly_n_trials_under_the_claim_lock(tmp_path):
