@@ -335,13 +335,19 @@ def test_sweep_array_of_two_tasks_ends_one_study(cluster, tmp_path):
     tiny = ["data.train_limit=128", "data.val_size=64", "data.test_limit=64", "train.epochs=1", "train.batch_size=64",
             "model.width=0.25", "train.progress=false", "train.threads=1", "tracking.system_metrics=false",
             "tracking.log_model=false", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"run.out_dir={tmp_path}/sweep"]
-    cmd = ["sbatch", "--wait", "--parsable", "--array=0-1", "--gpus-per-task=0", "--cpus-per-task=1",
+    cmd = ["sbatch", "--parsable", "--array=0-1", "--gpus-per-task=0", "--cpus-per-task=1",
            f"--chdir={tmp_path}", f"--output={tmp_path}/%x-%A_%a.out", str(REPO / "launch" / "sweep.sbatch"),
            "--config", str(config), "--trials", "2", "--study", "array", *tiny]
-    rc, text = run(cmd, env=env(SLURM_CONF=str(cluster.conf)), timeout=300)
+    rc, text = run(cmd, env=env(SLURM_CONF=str(cluster.conf)), timeout=60)
+    assert rc == 0, f"sbatch exited {rc}: {text}\n{cluster.logs()}"
+    job_id = text.split()[0].split(";")[0]
+    deadline = time.monotonic() + 300  # polled here: sbatch --wait sleeps up to 30 s between its own looks
+    while cluster.command("squeue", "--noheader", f"--jobs={job_id}").strip():
+        assert time.monotonic() < deadline, cluster.command("squeue")
+        time.sleep(0.5)
     logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("nin-sweep-*.out"))
-    assert rc == 0, f"sbatch exited {rc}: {text}\n{logs}\n{cluster.logs()}"
-    assert len(list(tmp_path.glob("nin-sweep-*_[01].out"))) == 2, logs  # two tasks ran
+    job = cluster.command("scontrol", "show", "job", job_id)
+    assert job.count("JobState=COMPLETED") == 2 and job.count("ExitCode=0:0") == 2, f"{job}\n{logs}"  # two tasks
 
     storage = JournalStorage(JournalFileBackend(str(tmp_path / "sweep" / "optuna.journal")))
     study = optuna.load_study(study_name="array", storage=storage)

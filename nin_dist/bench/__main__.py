@@ -5,6 +5,7 @@
     nin-bench train     # training img/s and MFU: the seed's recipe, then each switch added
     nin-bench scaling   # 1 process vs N torchrun processes, same global batch
     nin-bench tta       # wall seconds to a target test accuracy, median over seeds
+    nin-bench sweep     # trials per hour: 1 sweep worker x all threads vs K workers x fewer
 
 Every benchmark measures its baseline in the same run and reports ratios to it; absolute times mean
 something only on the machine named in the JSON.
@@ -15,11 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nin_dist.bench import data, gpu, kernels, scaling, train, tta
+from nin_dist.bench import data, gpu, kernels, scaling, sweep, train, tta
 from nin_dist.errors import UserError, report
 from nin_dist.logs import init_logging
 
-BENCHMARKS = {"data": data, "kernels": kernels, "train": train, "scaling": scaling, "tta": tta, "gpu": gpu}
+BENCHMARKS = {"data": data, "kernels": kernels, "train": train, "scaling": scaling, "tta": tta, "gpu": gpu,
+              "sweep": sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,9 @@ def binaries() -> Path | None:
 class Postgres:
     """A running PostgreSQL cluster: `url(db)` without a password (it comes from PGPASSWORD or ~/.pgpass)."""
 
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, prefix: tuple[str, ...] = ()):
+        """`prefix`: what runs each server command where the server lives (e.g. `ip netns exec NS`)."""
+        self.host, self.port, self.prefix = host, port, list(prefix)
         self.bin = binaries()
         if self.bin is None:
             pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
@@ -51,28 +52,27 @@ class Postgres:
         secret.write_text(PASSWORD + "\n")
         self._chown(self.root)
         self._chown(secret)
-        subprocess.run([*self.as_user, str(self.bin / "initdb"), "-D", str(data), "-U", USER, "--pwfile", str(secret),
+        run_as = [*self.prefix, *self.as_user]
+        subprocess.run([*run_as, str(self.bin / "initdb"), "-D", str(data), "-U", USER, "--pwfile", str(secret),
                         "--auth=scram-sha-256", "--no-sync", "--no-instructions"], check=True, capture_output=True,
                        timeout=timeout_s)
         secret.unlink()
         # Durability off: a test cluster lives minutes, and fsyncs are slow on a loaded disk.
         self.proc = subprocess.Popen(
-            [*self.as_user, str(self.bin / "postgres"), "-D", str(data), "-p", str(self.port), "-k", str(self.root),
+            [*run_as, str(self.bin / "postgres"), "-D", str(data), "-p", str(self.port), "-k", str(self.root),
              "-c", f"listen_addresses={self.host}", "-c", "fsync=off", "-c", "synchronous_commit=off",
              "-c", "full_page_writes=off", "-c", "max_connections=200"],
             stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
-        while subprocess.run([str(self.bin / "pg_isready"), "-h", self.host, "-p", str(self.port), "-q"]).returncode:
+        ready = [*self.prefix, str(self.bin / "pg_isready"), "-h", self.host, "-p", str(self.port), "-q"]
+        while subprocess.run(ready).returncode:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"PostgreSQL did not start: {(self.root / 'server.log').read_text()[-2000:]}")
             time.sleep(0.2)
 
     def create_db(self, name: str) -> str:
-        import psycopg
-
-        with psycopg.connect(host=self.host, port=self.port, user=USER, password=PASSWORD, dbname="postgres",
-                             autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+        subprocess.run([*self.prefix, str(self.bin / "createdb"), "-h", self.host, "-p", str(self.port), "-U", USER,
+                        name], check=True, capture_output=True, timeout=60, env={**os.environ, "PGPASSWORD": PASSWORD})
         return self.url(name)
 
     def url(self, db: str, driver: str = "psycopg") -> str:

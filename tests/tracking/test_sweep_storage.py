@@ -15,7 +15,7 @@ from sweeps import config_file
 
 from nin_dist.errors import ConfigError
 from nin_dist.sweep.cli import main
-from nin_dist.sweep.storage import JOURNAL, SQLITE_DB, Storage, resolve
+from nin_dist.sweep.storage import JOURNAL, SQLITE_DB, Storage, StorageError, resolve
 from nin_dist.sweep.study import open_study
 from nin_dist.sweep.workers import shares
 
@@ -117,3 +117,14 @@ def test_each_worker_gets_its_gpus_or_its_share_of_the_cores():
     with pytest.raises(ConfigError, match="--workers 3 x --nproc-per-node 1 is not allowed: 2 GPUs are visible"):
         shares(3, 1, False, gpus=["0", "1"], cores=8)
 
+
+
+def test_an_sqlite_study_with_a_trial_running_on_another_host_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / SQLITE_DB}"
+    storage = Storage(url, 5)
+    study = open_study(storage, "lr", {}, 1)
+    trial = study.ask()
+    storage.beat(trial._trial_id, "node-7:4242:0")  # a worker of another machine, sharing the file over NFS
+    with pytest.raises(StorageError, match=f"the sqlite study {url} has trial 0 running on host node-7: workers on "
+                                           "several machines need --storage postgresql://"):
+        open_study(Storage(url, 5), "lr", {}, 1)
