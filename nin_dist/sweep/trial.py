@@ -98,6 +98,7 @@ class TrialProcess:
     def __init__(self, cmd: list[str], log_path: Path, env: dict[str, str] | None = None):
         """`env`: variables added to the sweep's own (the trial's GPUs, its tracking URI: never in argv)."""
         self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)  # the sweep folder, made by the first trial
         with open(self.log_path, "ab") as out:  # the child keeps its own copy of the file
             # The command as run, but a tracking.uri's password as *** (the log is a file anyone may read).
             out.write(("$ " + redact_uris(" ".join(cmd)) + "\n").encode())

@@ -57,6 +57,9 @@ class Postgres:
                         "--auth=scram-sha-256", "--no-sync", "--no-instructions"], check=True, capture_output=True,
                        timeout=timeout_s)
         secret.unlink()
+        # initdb lets in loopback only; the server also serves other hosts of a test network (password required).
+        with open(data / "pg_hba.conf", "a") as hba:
+            hba.write("host all all 0.0.0.0/0 scram-sha-256\n")
         # Durability off: a test cluster lives minutes, and fsyncs are slow on a loaded disk.
         self.proc = subprocess.Popen(
             [*run_as, str(self.bin / "postgres"), "-D", str(data), "-p", str(self.port), "-k", str(self.root),
@@ -71,8 +74,10 @@ class Postgres:
             time.sleep(0.2)
 
     def create_db(self, name: str) -> str:
-        subprocess.run([*self.prefix, str(self.bin / "createdb"), "-h", self.host, "-p", str(self.port), "-U", USER,
-                        name], check=True, capture_output=True, timeout=60, env={**os.environ, "PGPASSWORD": PASSWORD})
+        done = subprocess.run([*self.prefix, str(self.bin / "createdb"), "-h", self.host, "-p", str(self.port), "-U",
+                               USER, name], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PGPASSWORD": PASSWORD})
+        assert done.returncode == 0, f"createdb {name}: {done.stderr}"
         return self.url(name)
 
     def url(self, db: str, driver: str = "psycopg") -> str:
