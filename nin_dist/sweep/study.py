@@ -196,7 +196,7 @@ class Worker:
             wait_until_free(folder)
             log.info("sweep: %s%s: %s", name, f" (worker {self.index})" if self.index else "", shown)
             proc = TrialProcess(command(plan.config, self.overrides, values, folder, name, plan.parent.run_id,
-                                        plan.nproc), plan.folder / f"{name}.log", self.env)
+                                        plan.nproc), plan.folder / f"{name}.log", plan.env | self.env)
             pruned_at = self._watch(trial, proc, folder)
             final = read_final(folder) if pruned_at is None and proc.returncode == 0 else None
         else:
@@ -243,11 +243,17 @@ class Worker:
         return None
 
     def _beat(self, trial) -> None:
-        """The trial's heartbeat; TakenOver when another worker owns it now."""
+        """The trial's heartbeat; TakenOver when another worker owns it now. Also a look at the other
+        running trials' beats: staleness is timed from when this process saw a beat change, so a busy
+        worker that looks is ready to take a dead worker's trial over as soon as it is free."""
+        from optuna.trial import TrialState
+
         storage = self.plan.storage
         if storage.optuna.get_trial_system_attrs(trial._trial_id).get(OWNER) != self.owner:
             raise TakenOver
         storage.beat(trial._trial_id)
+        for other in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            storage.stale(other, self.plan.grace_s)
 
     def _watch(self, trial, proc: TrialProcess, folder: Path) -> int | None:
         """Follow the running trial, reporting each epoch and beating; stop it when pruned. The epoch

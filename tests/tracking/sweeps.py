@@ -105,8 +105,10 @@ def kill_after_first_epoch(proc, sweep: Path, others) -> tuple[int, int]:
 
 
 def two_workers_one_killed(folder: Path) -> SweepRun:
-    a = start(sweep_cmd(folder, 2), cwd=folder, env=env())
-    b = start(sweep_cmd(folder, 1), cwd=folder, env=env())
+    work = folder / "work"  # not the store's folder: a trial that lost the tracking URI would miss it
+    work.mkdir()
+    a = start(sweep_cmd(folder, 2), cwd=work, env=env())
+    b = start(sweep_cmd(folder, 1), cwd=work, env=env())
     try:
         number, step = kill_after_first_epoch(b, folder / "sweep", [a])
         killed_at = time.time()

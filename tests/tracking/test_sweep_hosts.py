@@ -35,7 +35,7 @@ from postgres import PASSWORD, Postgres, binaries
 
 pytestmark = pytest.mark.slow
 
-TRIALS = 3
+TRIALS = 2
 GRACE_S = 5
 TRACKING_PASSWORD = "mlflow-9b2e-secret"  # in the tracking URI the workers get (the server takes any)
 TINY = ["data.train_limit=512", "data.val_size=128", "data.test_limit=100", "train.epochs=2", "train.batch_size=64",
