@@ -33,10 +33,11 @@ def add_arguments(p) -> None:
 
 
 def sweep_job(config: str, overrides: list[str], trials: int, workers: int, threads: int, folder: Path) -> float:
-    """One nin-sweep; its wall seconds."""
+    """One nin-sweep (run in `folder`, so the config's path is made absolute); its wall seconds."""
     folder.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "nin_dist.sweep", "--config", config, "--trials", str(trials), "--study", "bench",
-           "--workers", str(workers), "--startup-trials", str(trials + 1), *overrides, f"train.threads={threads}",
+    cmd = [sys.executable, "-m", "nin_dist.sweep", "--config", str(Path(config).resolve()), "--trials", str(trials),
+           "--study", "bench", "--workers", str(workers), "--startup-trials", str(trials + 1), *overrides,
+           f"train.threads={threads}",
            "train.progress=false", "tracking.system_metrics=false", "tracking.log_model=false",
            f"tracking.uri=sqlite:///{folder}/mlflow.db", f"run.out_dir={folder}/sweep"]
     start = time.perf_counter()
