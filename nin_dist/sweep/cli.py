@@ -3,11 +3,13 @@
     nin-sweep --config configs/cpu.yaml --trials 20                       # the config's sweep: or the default space
     nin-sweep --config CFG --trials 20 --nproc-per-node 2 train.epochs=3  # each trial under torchrun
     nin-sweep --config CFG --trials 20 --register nin-fashion             # versions of a registered model, @best
+    nin-sweep --config CFG --trials 64 --workers 4                        # 4 trials at once (a GPU each, or cores/4)
+    NIN_SWEEP_STORAGE=postgresql+psycopg://user@db/optuna nin-sweep ...  # the same on every machine: one study
 
 The overrides (`key=value`) fix keys for every trial; `run.out_dir` is the sweep's folder (default
-runs/sweep-<study>), each trial's run folder below it. Running the same command again continues the
-study (`nin_dist.sweep.study`): a killed sweep loses no trial. Exit codes: 0 done, 2 user error (one
-line, nothing started), 1 anything else.
+runs/sweep-<study>), each trial's run folder below it. Running the same command again, here or on
+another machine, joins the study (`nin_dist.sweep.study`): a killed worker loses no trial. Exit
+codes: 0 done, 2 user error (one line, nothing started), 1 anything else.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # also the folder n
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="nin-sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config; its sweep: section is the search space")
-    parser.add_argument("--trials", type=int, required=True, help="trials in the study at the end (ended ones)")
+    parser.add_argument("--trials", type=int, required=True,
+                        help="trials in all, over every worker of every machine: exactly this many")
     parser.add_argument("--study", help="study name (default: the config file's name)")
     parser.add_argument("--nproc-per-node", type=int, default=1, metavar="K",
                         help="run each trial as torchrun --standalone --nproc_per_node=K (default 1: nin-train)")
