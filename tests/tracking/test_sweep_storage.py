@@ -1,10 +1,13 @@
 """nin-sweep's storage and workers without a trial: what is refused before any work (one line, exit 2,
 nothing started), which storage a sweep takes up, a study made with another search space, the
-claim of trial numbers by racing workers, and each worker's share of the machine."""
+claim of trial numbers by racing workers, a worker that finds its trial taken over, and each worker's
+share of the machine."""
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
 
 import optuna
 import pytest
@@ -13,8 +16,9 @@ from sweeps import config_file
 
 from nin_dist.errors import ConfigError
 from nin_dist.sweep.cli import main
-from nin_dist.sweep.storage import JOURNAL, SQLITE_DB, Storage, StorageError, resolve
-from nin_dist.sweep.study import open_study
+from nin_dist.sweep.storage import JOURNAL, SQLITE_DB, Storage, StorageError, owner_of, resolve
+from nin_dist.sweep.study import Plan, TakenOver, Worker, open_study
+from nin_dist.sweep.trial import TrialProcess
 from nin_dist.sweep.workers import shares
 
 PASSWORD = "pw-77d0-storage"
@@ -125,3 +129,23 @@ def test_an_sqlite_study_with_a_trial_running_on_another_host_is_refused(tmp_pat
     with pytest.raises(StorageError, match=f"the sqlite study {url} has trial 0 running on host node-7: workers on "
                                            "several machines need --storage postgresql://"):
         open_study(Storage(url, 5), "lr", {}, 1)
+
+
+def test_a_worker_back_after_its_trial_was_taken_over_stops_its_copy_at_once(tmp_path):
+    """A worker whose heartbeats stopped reaching the study (its machine cut off past the grace period)
+    finds, at its next beat, that another worker owns its trial: it SIGKILLs its trial process (the
+    folder and the MLflow run are the new owner's now) and lets the trial go."""
+    storage = Storage(f"journal:{tmp_path / JOURNAL}", 5)
+    study = open_study(storage, "back", {}, 1)
+    plan = Plan(storage, "back", {}, None, tmp_path, "cfg.yaml", [], "val_acc", 2, 1, 1, 0, 1, 0, 0.2, 1.0, None, {})
+    worker = Worker(plan, 0, {}, [])
+    with storage.claim("back"):
+        trial, resumed = worker._take(study.get_trials(deepcopy=False))
+    assert not resumed and owner_of(study.trials[0]) == worker.owner
+    proc = TrialProcess(["sleep", "60"], tmp_path / "trial-0.log")
+    storage.beat(trial._trial_id, "node-9:77:0")  # taken over elsewhere
+    started = time.monotonic()
+    with pytest.raises(TakenOver):
+        worker._watch(trial, proc, tmp_path / "trial-0")
+    assert proc.returncode == -signal.SIGKILL and time.monotonic() - started < 5
+    assert owner_of(study.trials[0]) == "node-9:77:0"  # still the new owner's
