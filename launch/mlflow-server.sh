@@ -6,7 +6,10 @@
 #   launch/mlflow-server.sh                                   # 127.0.0.1:5000, ./mlflow-server.db, ./mlartifacts
 #   PORT=5001 ARTIFACTS=/data/mlartifacts launch/mlflow-server.sh
 #   HOST=0.0.0.0 ALLOWED_HOSTS=head-node:5000 launch/mlflow-server.sh   # reachable from other nodes
-#   BACKEND=postgresql://mlflow@db/mlflow WORKERS=8 launch/mlflow-server.sh
+#   PGPASSWORD=... BACKEND=postgresql+psycopg://mlflow@db:5432/mlflow WORKERS=8 launch/mlflow-server.sh
+# A team's shared server keeps its store in PostgreSQL (several server workers and many writers at
+# once; sqlite, the default, is for one machine). The driver is psycopg 3: pip install 'nin-dist[postgres]'.
+# Its password goes in PGPASSWORD or ~/.pgpass, not in BACKEND: the server's command line is public (ps).
 # then, on the training machines:
 #   nin-train --config configs/cpu.yaml tracking.uri=http://HOST:PORT
 #   (or export MLFLOW_TRACKING_URI=http://HOST:PORT)
@@ -18,7 +21,7 @@ set -euo pipefail
 
 HOST=${HOST:-127.0.0.1}                           # interface to bind; 0.0.0.0 = every interface
 PORT=${PORT:-5000}
-BACKEND=${BACKEND:-sqlite:///mlflow-server.db}    # runs, params, metrics (SQLAlchemy URI)
+BACKEND=${BACKEND:-sqlite:///mlflow-server.db}    # runs, params, metrics (SQLAlchemy URI: sqlite, postgresql+psycopg)
 ARTIFACTS=${ARTIFACTS:-./mlartifacts}             # where the server stores uploaded artifacts
 WORKERS=${WORKERS:-2}                             # server worker processes
 # Host headers the server accepts (DNS-rebinding protection). MLflow's default is localhost and

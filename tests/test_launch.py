@@ -26,7 +26,7 @@ SCRIPTS = ["local.sh", "multinode.sh", "slurm.sbatch"]  # gpus.sh is sourced by 
 SHELLCHECK = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
 
 
-@pytest.mark.parametrize("name", [*SCRIPTS, "gpus.sh"])
+@pytest.mark.parametrize("name", [*SCRIPTS, "gpus.sh", "sweep.sbatch"])
 def test_script_parses_and_passes_shellcheck(name):
     path = LAUNCH / name
     bash = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)

@@ -320,3 +320,39 @@ def test_the_header_s_request_is_refused_on_a_cpu_node_and_the_documented_flags_
     assert plain.returncode != 0 and "Invalid generic resource (gres) specification" in plain.stderr, plain.stderr
     sized = test_only(*_cpu_node_flags(cluster))
     assert sized.returncode == 0 and "to start at" in sized.stderr and f"on nodes {NODE}" in sized.stderr, sized.stderr
+
+
+def test_sweep_array_of_two_tasks_ends_one_study(cluster, tmp_path):
+    """launch/sweep.sbatch with two array tasks, each a worker of one study (the default journal file in the
+    sweep folder: one node): exactly the trials asked for, one parent run, FINISHED."""
+    import optuna
+    from mlflow import MlflowClient
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text((REPO / "configs" / "cpu.yaml").read_text() +
+                      "sweep:\n  optim.lr: {type: float, low: 0.01, high: 0.1, log: true}\n")
+    tiny = ["data.train_limit=128", "data.val_size=64", "data.test_limit=64", "train.epochs=1", "train.batch_size=64",
+            "model.width=0.25", "train.progress=false", "train.threads=1", "tracking.system_metrics=false",
+            "tracking.log_model=false", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"run.out_dir={tmp_path}/sweep"]
+    cmd = ["sbatch", "--parsable", "--array=0-1", "--gpus-per-task=0", "--cpus-per-task=1",
+           f"--chdir={tmp_path}", f"--output={tmp_path}/%x-%A_%a.out", str(REPO / "launch" / "sweep.sbatch"),
+           "--config", str(config), "--trials", "2", "--study", "array", *tiny]
+    rc, text = run(cmd, env=env(SLURM_CONF=str(cluster.conf)), timeout=60)
+    assert rc == 0, f"sbatch exited {rc}: {text}\n{cluster.logs()}"
+    job_id = text.split()[0].split(";")[0]
+    deadline = time.monotonic() + 300  # polled here: sbatch --wait sleeps up to 30 s between its own looks
+    while cluster.command("squeue", "--noheader", f"--jobs={job_id}").strip():
+        assert time.monotonic() < deadline, cluster.command("squeue")
+        time.sleep(0.5)
+    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("nin-sweep-*.out"))
+    job = cluster.command("scontrol", "show", "job", job_id)
+    assert job.count("JobState=COMPLETED") == 2 and job.count("ExitCode=0:0") == 2, f"{job}\n{logs}"  # two tasks
+
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "sweep" / "optuna.journal")))
+    study = optuna.load_study(study_name="array", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 2, logs
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED" and len(runs) == 3, [(r.info.run_name, r.info.status) for r in runs]

@@ -7,6 +7,7 @@
     nin-bench tta       # wall seconds to a target test accuracy, median over seeds
     nin-bench traffic   # modelled HBM/L2 bytes, FLOPs and predicted µs of each kernel (no GPU)
     nin-bench profile   # where a step's time goes: each part's share and FLOP/s, the all-reduce's overlap
+    nin-bench sweep     # trials per hour: 1 sweep worker x all threads vs K workers x fewer
 
 Every benchmark measures its baseline in the same run and reports ratios to it; absolute times mean
 something only on the machine named in the JSON.
@@ -17,12 +18,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nin_dist.bench import data, gpu, kernels, profile, scaling, traffic, train, tta
+from nin_dist.bench import data, gpu, kernels, profile, scaling, sweep, traffic, train, tta
 from nin_dist.errors import UserError, report
 from nin_dist.logs import init_logging
 
 BENCHMARKS = {"data": data, "kernels": kernels, "train": train, "scaling": scaling, "tta": tta, "gpu": gpu,
-              "traffic": traffic, "profile": profile}
+              "traffic": traffic, "profile": profile, "sweep": sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

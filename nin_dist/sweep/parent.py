@@ -17,11 +17,10 @@ from __future__ import annotations
 import logging
 import time
 
-from nin_dist.errors import TrackingError
 from nin_dist.tracking.mlflow_internals import context_tags
-from nin_dist.tracking.redaction import redact_error, redact_uri
+from nin_dist.tracking.redaction import redact_error
 from nin_dist.tracking.registry import versions_of_run
-from nin_dist.tracking.run import PARENT_TAG, experiment_id
+from nin_dist.tracking.run import PARENT_TAG, experiment_id, reopen
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +35,9 @@ class ParentRun:
     @classmethod
     def open(cls, client, experiment: str, name: str, run_id: str | None, tags: dict[str, str]) -> ParentRun:
         """The study's parent run `run_id` again (status back to RUNNING), or a new one."""
-        from mlflow.exceptions import MlflowException
-
         if run_id:
-            try:
-                run = client.get_run(run_id)
-            except MlflowException:
-                raise TrackingError(f"the study's parent MLflow run {run_id} is not in "
-                                    f"{redact_uri(client.tracking_uri)}; use another --study") from None
-            if run.info.lifecycle_stage == "deleted":
-                raise TrackingError(f"the study's parent MLflow run {run_id} is deleted; restore it or use "
-                                    f"another --study")
-            client.update_run(run_id, status="RUNNING")
+            reopen(client, run_id, f"the study's parent MLflow run {run_id}", "use another --study",
+                   "restore it or use another --study")
         else:
             run = client.create_run(experiment_id(client, experiment), run_name=name, tags=context_tags({}))
             run_id = run.info.run_id
@@ -121,6 +111,9 @@ class ParentRun:
         self.client.set_registered_model_alias(model_name, BEST_ALIAS, versions[0].version)
         self.client.set_tag(self.run_id, "sweep.best_model", f"models:/{model_name}/{versions[0].version}")
         return f"models:/{model_name}@{BEST_ALIAS}"
+
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
 
     def end(self, status: str) -> None:
         try:

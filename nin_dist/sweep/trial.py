@@ -3,9 +3,10 @@
 `command` is `python -m nin_dist.train --config CFG <overrides> <the trial's key=value> run.out_dir=
 <sweep>/trial-N run.name=trial-N tracking.parent_run_id=<parent>`, or the same under
 `torchrun --standalone --nproc_per_node=K` (`--nproc-per-node K`): the trial's values come after the
-command line's overrides, and the sweep's own keys last, so they win. The folder and name depend only
-on the trial's number, so running a trial again (after a killed sweep) resumes its checkpoint and
-its MLflow run.
+command line's overrides, and the sweep's own keys last, so they win. The tracking URI, which may
+hold a password, goes in the environment (MLFLOW_TRACKING_URI), never on the command line `ps` shows.
+The folder and name depend only on the trial's number, so running a trial again (after its worker
+died) resumes its checkpoint and its MLflow run.
 
 The process gets a session of its own, so stopping a pruned trial signals torchrun and its workers
 together: SIGTERM, on which nin-train ends its MLflow run KILLED (train.py), then SIGKILL after
@@ -94,14 +95,17 @@ def wait_until_free(folder: Path, timeout_s: float = FREE_WAIT_S) -> None:
 class TrialProcess:
     """The running trial: its process (a session of its own) and its log file."""
 
-    def __init__(self, cmd: list[str], log_path: Path):
+    def __init__(self, cmd: list[str], log_path: Path, env: dict[str, str] | None = None):
+        """`env`: variables added to the sweep's own (the trial's GPUs, its tracking URI: never in argv)."""
         self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)  # the sweep folder, made by the first trial
         with open(self.log_path, "ab") as out:  # the child keeps its own copy of the file
             # The command as run, but a tracking.uri's password as *** (the log is a file anyone may read).
             out.write(("$ " + redact_uris(" ".join(cmd)) + "\n").encode())
             out.flush()
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True, preexec_fn=_parent_death_signal())
+                                         start_new_session=True, preexec_fn=_parent_death_signal(),
+                                         env=os.environ | (env or {}))
 
     def running(self) -> bool:
         return self.proc.poll() is None
@@ -123,6 +127,12 @@ class TrialProcess:
             log.warning("sweep: trial pid %d did not end %g s after SIGTERM; killing it", self.proc.pid, timeout_s)
             self._signal(signal.SIGKILL)
             return self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the trial's process group at once: it may not write anything more (another worker took
+        its folder and MLflow run over)."""
+        self._signal(signal.SIGKILL)
+        self.proc.wait()
 
     def last_line(self) -> str:
         """The last line the trial printed (its error, when it failed)."""

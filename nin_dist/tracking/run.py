@@ -94,29 +94,37 @@ def _parent(client, run_id: str) -> str:
     return run_id
 
 
+def reopen(client, run_id: str, what: str, if_missing: str, if_deleted: str):
+    """The run `run_id` (named `what` in errors), its status back to RUNNING; TrackingError, with the
+    advice `if_missing` or `if_deleted`, when the store does not hold it or it is deleted."""
+    from mlflow.exceptions import MlflowException
+
+    shown = redact_uri(client.tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"{what} is not in {shown}; {if_missing}") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise TrackingError(f"{what} is deleted in {shown}; {if_deleted}")
+    client.update_run(run_id, status="RUNNING")
+    return run
+
+
 def open_run(client, cfg, info, resume_run_id: str | None, tags: dict[str, str],
              clean: Callable[[object], str]) -> str:
     """The id of the new or resumed run, its params and tags logged."""
     from mlflow.entities import Param, RunTag
-    from mlflow.exceptions import MlflowException
 
-    shown = redact_uri(client.tracking_uri)
     params = {key: clean(value) for key, value in flatten(cfg).items()}
     params["tracking.uri"] = clean(redact_uri(cfg.tracking.uri))
     tags = {key: clean(value) for key, value in run_tags(info, tags).items()}
     if cfg.tracking.parent_run_id:
         tags[PARENT_TAG] = _parent(client, cfg.tracking.parent_run_id)
     if resume_run_id:
-        try:
-            run = client.get_run(resume_run_id)
-        except MlflowException:
-            raise TrackingError(f"MLflow run {resume_run_id} (from the checkpoint) is not in {shown}; use the "
-                                f"tracking.uri the run started with, or run.resume=false") from None
-        if run.info.lifecycle_stage == "deleted":
-            raise TrackingError(f"MLflow run {resume_run_id} (from the checkpoint) is deleted in {shown}; "
-                                f"restore it, or start afresh with run.resume=false")
+        run = reopen(client, resume_run_id, f"MLflow run {resume_run_id} (from the checkpoint)",
+                     "use the tracking.uri the run started with, or run.resume=false",
+                     "restore it, or start afresh with run.resume=false")
         run_id = resume_run_id
-        client.update_run(run_id, status="RUNNING")
         old = run.data.params
         changed = sorted(key for key in params if key in old and old[key] != params[key])
         if changed:

@@ -1,12 +1,14 @@
 """Fixtures of the tracking tests: a clean MLflow environment, a scratch working folder, a sqlite
-store and a real `mlflow server` (both real, never mocked), and the first images of each split."""
+store and a real `mlflow server` (both real, never mocked), a real PostgreSQL server, and the first
+images of each split."""
 
 from __future__ import annotations
 
 import pytest
 from helpers import data_dir
-from mlflow_server import Server
-from sweeps import SweepRun, killed_and_resumed_sweep
+from mlflow_server import Server, free_port
+from postgres import Postgres
+from sweeps import SweepRun, two_workers_one_killed
 
 from nin_dist.data import load_split
 
@@ -50,6 +52,18 @@ def splits():
 
 @pytest.fixture(scope="session")
 def resumed_sweep(tmp_path_factory) -> SweepRun:
-    """The real sweep killed mid-trial and run again (tests/tracking/sweeps.py); made once, read by
-    test_sweep.py and, served by a real server, by the browser test."""
-    return killed_and_resumed_sweep(tmp_path_factory.mktemp("sweep"))
+    """The real sweep of two worker processes, one killed mid-trial (tests/tracking/sweeps.py); made once,
+    read by test_sweep.py and, served by a real server, by the browser test."""
+    return two_workers_one_killed(tmp_path_factory.mktemp("sweep"))
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on loopback (tests/tracking/postgres.py), started once and removed at the end;
+    its password reaches the clients only through PGPASSWORD."""
+    server = Postgres("127.0.0.1", free_port())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -125,6 +125,8 @@ def test_no_password_on_screen_or_on_disk_from_nin_sweep_nin_train_and_nin_eval(
 
     trained = (tmp_path / "sweep" / "trial-0.log").read_text()
     assert "nin_dist.train" in trained and "tracking: MLflow run" in trained, "the trial's whole output is its log"
+    argv = trained.splitlines()[0]  # the trial's command line as `ps` shows it: the URI goes by environment
+    assert argv.startswith("$ ") and "tracking.uri" not in argv and server.uri.partition("//")[2] not in argv, argv
     screens = {"nin-sweep": swept, "nin-train": trained, "nin-eval": evaluated}
     for name, text in screens.items():
         assert password not in text, f"{name} shows the password: " + text[text.find(password) - 200:][:400]
@@ -136,7 +138,7 @@ def test_no_password_on_screen_or_on_disk_from_nin_sweep_nin_train_and_nin_eval(
     assert re.search(r"sweep: view the parent run at " + page, swept)
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     written = {str(p.relative_to(tmp_path)) for p in files}
-    assert {"sweep/optuna.db", "sweep/trial-0.log", "sweep/trial-0/config.yaml", "sweep/trial-0/metrics.json",
+    assert {"sweep/optuna.journal", "sweep/trial-0.log", "sweep/trial-0/config.yaml", "sweep/trial-0/metrics.json",
             "sweep/trial-0/checkpoints/last.pt", "eval.json"} <= written, written
     leaks = [str(p) for p in files if password.encode() in p.read_bytes()]
     assert not leaks, f"the password is written in {leaks}"

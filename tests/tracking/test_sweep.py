@@ -1,4 +1,4 @@
-"""nin-sweep: the search space's checks, and a real sweep killed mid-trial and run again.
+"""nin-sweep: the search space's checks, and a real sweep of two worker processes, one killed mid-trial.
 
 The sweep (tests/tracking/sweeps.py, the session fixture `resumed_sweep`) runs real nin-train
 subprocesses into a real sqlite MLflow store, and is read back here with MlflowClient and Optuna's
@@ -10,7 +10,7 @@ from __future__ import annotations
 import optuna
 import pytest
 from mlflow import MlflowClient
-from sweeps import config_file
+from sweeps import TRIALS, config_file
 
 from nin_dist.config import load_config
 from nin_dist.errors import ConfigError
@@ -60,14 +60,22 @@ def test_nin_train_skips_the_sweep_section_and_refuses_sweep_keys(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_killed_mid_trial_continues_the_same_study(resumed_sweep):
-    assert "trial 1 was interrupted; continuing it" in resumed_sweep.output
+def test_two_workers_one_killed_end_the_study_with_exactly_n_trials(resumed_sweep):
+    """A (two workers) and B (one, SIGKILLed mid-trial) share the journal study: B's trial is taken over in
+    place after the grace period and resumed from its checkpoint; exactly N trials, one parent run."""
+    number = resumed_sweep.taken_over
+    assert f"trial {number} of worker " in resumed_sweep.output and "taking it over" in resumed_sweep.output
+    log = (resumed_sweep.folder / "sweep" / f"trial-{number}.log").read_text()
+    assert f"at epoch 2, step {resumed_sweep.step_at_kill}" in log, log[-3000:]  # from its checkpoint, not step 0
 
-    study = optuna.load_study(study_name="lr", storage=resumed_sweep.optuna_storage)
+    study = resumed_sweep.study()
     states = [t.state for t in study.trials]
-    assert len(states) == 4 and all(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-                                    for s in states), states
-    assert len({t.params["optim.lr"] for t in study.trials}) == 4  # none lost, none doubled
+    assert len(states) == TRIALS and all(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+                                         for s in states), states
+    assert len({t.params["optim.lr"] for t in study.trials}) == TRIALS  # none lost, none doubled
+    owners = {t.system_attrs["nin.worker"].rsplit(":", 2)[0] for t in study.trials}
+    assert len(owners) == 1, owners  # every trial ended on worker A's process (B's was taken over)
+    assert len({t.system_attrs["nin.worker"] for t in study.trials}) == 2  # ... by both of its workers
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned, [(t.params, t.intermediate_values) for t in study.trials]
 
@@ -77,7 +85,8 @@ def test_sweep_killed_mid_trial_continues_the_same_study(resumed_sweep):
     assert [r.info.run_id for r in parents] == [study.user_attrs["parent_run_id"]]  # the same parent, once
     parent = parents[0]
     kids = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert sorted(kids) == [f"trial-{n}" for n in range(4)] and len(runs) == 5
+    assert sorted(kids) == [f"trial-{n}" for n in range(TRIALS)] and len(runs) == TRIALS + 1
+    assert kids[f"trial-{number}"].info.run_id == study.trials[number].user_attrs["mlflow_run_id"]  # one run
     for trial in study.trials:
         kid = kids[f"trial-{trial.number}"]
         assert float(kid.data.params["optim.lr"]) == trial.params["optim.lr"]
@@ -95,3 +104,4 @@ def test_sweep_killed_mid_trial_continues_the_same_study(resumed_sweep):
     assert parent.data.params["best.run_id"] == best_run.info.run_id
     assert parent.data.metrics["best/val/acc"] == best_run.data.metrics["val/acc"] == best.value
     assert parent.data.metrics["best/test/acc"] == best_run.data.metrics["test/acc"]
+    assert "sweep.storage" in parent.data.tags
