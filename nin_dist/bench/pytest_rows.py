@@ -22,9 +22,11 @@ def pytest_configure(config) -> None:
     _writer = RowWriter(path, kind="test") if path else None
 
 
-def pytest_itemcollected(item) -> None:
-    if _writer is not None and item.config.option.collectonly:
-        _writer.write(test=item.nodeid, outcome="collected")
+def pytest_collection_finish(session) -> None:
+    # session.items: what is left after -m/-k deselection, which runs after each item is collected
+    if _writer is not None and session.config.option.collectonly:
+        for item in session.items:
+            _writer.write(test=item.nodeid, outcome="collected")
 
 
 def pytest_runtest_logreport(report) -> None:
