@@ -14,14 +14,14 @@ back; a call may run 10. So each visit is one call whose steps' limits sum to 54
 a minute left for Python's start, environment.json and the summary. Steps, most valuable first:
 
   visit 1 (540 s)
-  kernel-tests   130 s  every test of tests/kernels on the GPU (`-o addopts=`: one process, no xdist)
+  kernel-tests   120 s  every test of tests/kernels on the GPU (`-o addopts=`: one process, no xdist)
   kernels        160 s  kernel_rows: y and five gradients vs cuDNN, do_bench and CUDA-graph times, a
                         profiler trace per block, datasheet peaks by card, traffic's predictions
                         beside, kernels.overhead's µs; bf16 and fp32-as-TF32, NCHW, batch 128 and 256
-  tiles          100 s  tile_sweep: AOT-clean tile configs of each kernel, one timed row each
-  train-compile   50 s  `nin-bench train --rows +compile` (configs/fast.yaml)
-  train-triton    40 s  `nin-bench train --rows +triton`: the pair against +compile
-  gpu-tests       35 s  the other `pytest -m gpu` tests: opcheck, compile, sync-free step, nccl
+  tiles           75 s  tile_sweep: AOT-clean tile configs of each kernel, one timed row each
+  train-compile   70 s  `nin-bench train --rows +compile` (configs/fast.yaml; NiN's compile is most of it)
+  train-triton    60 s  `nin-bench train --rows +triton`: the pair against +compile
+  gpu-tests       30 s  the other `pytest -m gpu` tests: opcheck, compile, sync-free step, nccl
   profile         25 s  a profile window of configs/fast.yaml, eager (DIR/profile-run/profile/)
 
   visit 2 (540 s)
@@ -178,15 +178,15 @@ def visit_steps(out: Path, visit: int, dry_run: bool) -> list[Step]:
                     else ["train.max_steps=4", "train.profile_start=2", "train.profile_steps=3",
                           "data.test_limit=1000"])
         planned = [
-            (130, _pytest(out, "kernel-tests", ["tests/kernels"], dry_run)),
+            (120, _pytest(out, "kernel-tests", ["tests/kernels"], dry_run)),
             (160, Step("kernels", 0.0, ["nin_dist.bench.kernel_rows", "--jsonl", str(out / "kernels.jsonl"),
                                         "--trace-dir", str(out / "traces"), *tiny],
                        summarize=_row_kinds, env=interpret)),
-            (100, Step("tiles", 0.0, ["nin_dist.bench.tile_sweep", "--jsonl", str(out / "tiles.jsonl"), *tiny],
+            (75, Step("tiles", 0.0, ["nin_dist.bench.tile_sweep", "--jsonl", str(out / "tiles.jsonl"), *tiny],
                        summarize=_row_kinds, env=interpret)),
-            (50, _train(out, "train-compile", "+compile", dry_run)),
-            (40, _train(out, "train-triton", "+triton", dry_run)),
-            (35, _pytest(out, "gpu-tests", ["-m", "gpu", "--ignore=tests/tracking", "--ignore=tests/kernels",
+            (70, _train(out, "train-compile", "+compile", dry_run)),
+            (60, _train(out, "train-triton", "+triton", dry_run)),
+            (30, _pytest(out, "gpu-tests", ["-m", "gpu", "--ignore=tests/tracking", "--ignore=tests/kernels",
                                             "tests"], dry_run)),
             (25, Step("profile", 0.0, profile, "profile-run/profile/summary.txt", _profile)),
         ]
