@@ -8,7 +8,8 @@ For each NiN block (bf16, channels_last, batch 128: the training step's case) an
 table's own plan timed. Then, per candidate config (block sizes, warps, stages):
 
 1. `kernels.aot.compile_variant` compiles it for this card's architecture as the JIT would launch
-   it (aligned channels_last specializations) and `kernels.aot.check` rules on it: a config that
+   it (aligned channels_last specializations; in worker processes, ahead of the timing) and
+   `kernels.aot.check` rules on it: a config that
    spills, leaves the tensor cores unused or overflows shared memory gets a row "rejected" with the
    reasons, and is not run;
 2. a clean one runs through the launchers with the table's plan but this kernel's config
@@ -17,19 +18,20 @@ table's own plan timed. Then, per candidate config (block sizes, warps, stages):
    the table's ms, and its largest difference from the table's output (tiles change the order of
    the sums, nothing else).
 
-Candidates are ordered most plausible first and the step's time limit cuts the list; every
-finished row stays on disk. `--tiny` (the dry run): C=16 at 4x4, batch 2, under Triton's
+Candidates are ordered most plausible first, and taken rank by rank across the blocks and kernels
+(each one's best, then each one's second ...), so the step's time limit cuts the least plausible;
+every finished row stays on disk. `--tiny` (the dry run): C=16 at 4x4, batch 2, under Triton's
 interpreter, one candidate for the forward and the hidden kernel compiled for sm_90 on the CPU, timed by the wall clock.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import itertools
-import json
+import multiprocessing
 import os
-import subprocess
 import sys
 import time
 
@@ -81,25 +83,22 @@ def variant(field: str, dtype: torch.dtype, cfg, block_c: int, precision: str):
                        pointwise_mlp.ALWAYS_DIVISIBLE + pointwise_mlp.ALIGNED_ARGS[kernel])
 
 
-def aot_check(specs: list, dtype_name: str, block_c: int, precision: str, arch: int) -> list[dict]:
-    """kernels.aot's row and failed checks of each (field, spec). Under the interpreter the kernels
-    cannot be compiled, so the dry run asks a child process without TRITON_INTERPRET."""
-    from kernels import aot, ops
+def aot_check(field: str, spec, dtype_name: str, block_c: int, precision: str, arch: int) -> dict:
+    """kernels.aot's numbers and failed checks ("problems") of one config: run in a compile worker."""
+    from kernels import aot
 
-    if ops.INTERPRETED:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        code = ("import json, sys; from nin_dist.bench import tile_sweep as t; "
-                "print(json.dumps(t.aot_check(*json.load(sys.stdin))))")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
-                              input=json.dumps([specs, dtype_name, block_c, precision, arch]))
-        return json.loads(proc.stdout.splitlines()[-1])
-    ptxas, found = aot.find_ptxas(), []
-    for field, spec in specs:
-        row = aot.compile_variant(variant(field, DTYPES[dtype_name], config(field, spec), block_c, precision),
-                                  arch, ptxas)
-        found.append({**{k: row.get(k) for k in ("registers", "spill_bytes", "shared_bytes", "mma", "wgmma",
-                                                  "error")}, "problems": aot.check(row)})
-    return found
+    row = aot.compile_variant(variant(field, DTYPES[dtype_name], config(field, spec), block_c, precision),
+                              arch, aot.find_ptxas())
+    keys = ("registers", "spill_bytes", "shared_bytes", "mma", "wgmma", "error")
+    return {**{k: row[k] for k in keys if k in row}, "problems": aot.check(row)}
+
+
+def compile_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Processes that compile configs while this one times them. Spawned, not forked (this process
+    holds a CUDA context), and without TRITON_INTERPRET: the dry run's interpreted kernels cannot be
+    compiled, so its workers import the compiled ones (this process's Triton stays interpreted)."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _timer(cuda: bool, args):
@@ -124,10 +123,13 @@ def run(args) -> int:
         return 2
     device, dtype_name = ("cuda", "bf16") if cuda else ("cpu", "fp32")  # the interpreter has no bf16
     dtype = DTYPES[dtype_name]
-    arch = 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1] if cuda else 90
+    major, minor = torch.cuda.get_device_capability() if cuda else (9, 0)
+    arch = 10 * major + minor
     out = RowWriter(args.jsonl, step="tiles", device=torch.cuda.get_device_name() if cuda else "cpu")
     bench = _timer(cuda, args)
-    batch, blocks = (2, ((16, 4),)) if args.tiny else (args.batch_size, BLOCKS[:3])  # C=10 goes to cuDNN
+    batch, blocks = (2, ((16, 4),)) if args.tiny else (args.batch_size, BLOCKS[:3])  # not C=10: 2 GFLOP, launch-bound
+    fields = TINY_KERNELS if args.tiny else tuple(KERNELS)
+    cases = []  # (key, field, table plan, its call for a plan, reference output, table ms)
     for C, size in blocks:
         torch.manual_seed(C)
         x = torch.randn(batch, C, size, size, device=device, dtype=dtype).to(memory_format=torch.channels_last)
@@ -142,40 +144,42 @@ def run(args) -> int:
                 return lambda: pointwise_mlp.forward(x, w1, b1, w2, b2, True, plan)
             return lambda: pointwise_mlp.backward(dy, x, w1, b1, w2, y, True, plan)
 
-        for field in TINY_KERNELS if args.tiny else KERNELS:
+        for field in fields:
             key = {"block": f"C={C} {size}x{size}", "C": C, "batch": batch, "kernel": KERNELS[field][0]}
-            if not hasattr(table, field):
+            if not hasattr(table, field):  # the dispatch changed under this sweep: say so, go on
                 out.write(kind="skipped", **key, note=f"the plan has no {field!r} entry")
                 continue
-            reference = call(field, table)()
             table_ms = bench(call(field, table))
             table_cfg = getattr(table, field).pick(True)
             out.write(kind="table", **key, config=dict(table_cfg.meta), warps=table_cfg.num_warps,
                       stages=table_cfg.num_stages, ms=table_ms)
-            specs = candidates(table.block_c, args.tiny)
-            checked = (aot_check([(field, s) for s in specs], dtype_name, table.block_c, table.input_precision, arch)
-                       if ops.INTERPRETED else None)  # the dry run: one child compiles them all
-            for n, spec in enumerate(specs):
-                cfg = config(field, spec)
-                row = dict(key, config=dict(cfg.meta), warps=cfg.num_warps, stages=cfg.num_stages, arch=f"sm_{arch}")
-                found = checked[n] if checked else aot_check([(field, spec)], dtype_name, table.block_c,
-                                                             table.input_precision, arch)[0]
-                problems = found.pop("problems")
-                row.update(found)
-                if problems:
-                    out.write(kind="rejected", **row, problems=problems)
-                    continue
-                plan = dataclasses.replace(table, **{field: pointwise_mlp.Tiles(cfg, cfg)})
-                try:
-                    result = call(field, plan)()
-                    ms = bench(call(field, plan))
-                except Exception as err:  # a config the launcher refuses is a row too
-                    out.write(kind="failed", **row, error=f"{type(err).__name__}: {str(err)[:300]}")
-                    continue
-                results = result if isinstance(result, tuple) else (result,)
-                refs = reference if isinstance(reference, tuple) else (reference,)
-                diff = max(float((r - s).abs().max()) for r, s in zip(results, refs, strict=True))
-                out.write(kind="config", **row, ms=ms, x_table=table_ms / ms, max_abs_diff_vs_table=diff)
+            cases.append((key, field, table, call, call(field, table)(), table_ms))
+    # every case's best-ranked candidate first, then every case's second ...: a cut keeps each case's best
+    queue = [(case, spec) for rank in range(max(len(candidates(c[2].block_c, args.tiny)) for c in cases))
+             for case in cases for spec in candidates(case[2].block_c, args.tiny)[rank:rank + 1]]
+    with compile_pool(args.jobs) as pool:
+        checks = [pool.submit(aot_check, case[1], spec, dtype_name, case[2].block_c, case[2].input_precision, arch)
+                  for case, spec in queue]
+        for ((key, field, table, call, reference, table_ms), spec), check in zip(queue, checks, strict=True):
+            cfg = config(field, spec)
+            row = dict(key, config=dict(cfg.meta), warps=cfg.num_warps, stages=cfg.num_stages, arch=f"sm_{arch}")
+            found = check.result()
+            problems = found.pop("problems")
+            row.update(found)
+            if problems:
+                out.write(kind="rejected", **row, problems=problems)
+                continue
+            plan = dataclasses.replace(table, **{field: pointwise_mlp.Tiles(cfg, cfg)})
+            try:
+                result = call(field, plan)()
+                ms = bench(call(field, plan))
+            except Exception as err:  # a config the launcher refuses is a row too
+                out.write(kind="failed", **row, error=f"{type(err).__name__}: {str(err)[:300]}")
+                continue
+            results = result if isinstance(result, tuple) else (result,)
+            refs = reference if isinstance(reference, tuple) else (reference,)
+            diff = max(float((r - s).abs().max()) for r, s in zip(results, refs, strict=True))
+            out.write(kind="config", **row, ms=ms, x_table=table_ms / ms, max_abs_diff_vs_table=diff)
     print(f"tile_sweep: {out.count} rows in {args.jsonl}")
     return 0
 
@@ -186,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--warmup-ms", type=float, default=10.0)
     p.add_argument("--rep-ms", type=float, default=40.0)
+    p.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
+                   help="compile workers (AOT checks run ahead of the timing)")
     p.add_argument("--tiny", action="store_true", help="the dry run: CPU, Triton's interpreter, one tiny block")
     return run(p.parse_args(argv))
 
