@@ -127,7 +127,7 @@ def run(args) -> int:
     arch = 10 * major + minor
     out = RowWriter(args.jsonl, step="tiles", device=torch.cuda.get_device_name() if cuda else "cpu")
     bench = _timer(cuda, args)
-    batch, blocks = (2, ((16, 4),)) if args.tiny else (args.batch_size, BLOCKS[:3])  # not C=10: 1.3 MFLOP a call, launch-bound
+    batch, blocks = (2, ((16, 4),)) if args.tiny else (args.batch_size, BLOCKS[:3])  # not C=10: launch-bound
     fields = TINY_KERNELS if args.tiny else tuple(KERNELS)
     cases = []  # (key, field, table plan, its call for a plan, reference output, table ms)
     for C, size in blocks:
