@@ -7,7 +7,9 @@ checkpoint loads unchanged.
 
 The kernel switch (`model.kernel`) only changes how a block's two 1x1 convs are computed: `torch`
 runs the block's layers as they are; `triton` runs the k x k conv, then one fused Triton kernel for
-ReLU -> 1x1 -> ReLU -> 1x1 -> ReLU on the same parameters.
+ReLU -> 1x1 -> ReLU -> 1x1 -> ReLU on the same parameters. On CUDA, `triton` leaves to cuDNN the
+blocks the kernel cannot win (`kernels.ops.cudnn_instead`: the 10-channel head, fp32 without TF32);
+`describe_paths` says which, and the trainer logs it once.
 
 `python -m nin_dist.model --trace` prints the layer-by-layer output shapes in the seed's format.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import sys
 
 import torch
@@ -25,6 +28,8 @@ from nin_dist.config import ModelConfig
 from nin_dist.errors import ConfigError
 from nin_dist.layers import CrossRankBatchNorm2d, GlobalBatchDropout
 from nin_dist.shapes import NUM_CLASSES, POOL_KERNEL, POOL_STRIDE, block_widths, flops_per_image
+
+log = logging.getLogger(__name__)
 
 DROPOUT_LAYER = 6  # the seed's nn.Dropout, before the last block
 
@@ -68,6 +73,7 @@ class NiN(nn.Sequential):
         # Index of the k x k conv's last pre-ReLU layer (the conv, or its BatchNorm) in each block.
         self._stem_end = 2 if bn else 1
         self.kernel = "torch"
+        self._logged_paths: set[tuple[torch.dtype, bool]] = set()
 
     def set_dropout_rows(self, offset: int, global_rows: int, seed: int) -> None:
         """Which rows of the global batch this rank holds, and the step's dropout seed."""
@@ -78,6 +84,8 @@ class NiN(nn.Sequential):
         if kernel not in ("torch", "triton"):
             raise ValueError(f"kernel must be 'torch' or 'triton', got {kernel!r}")
         self.kernel = kernel
+        if kernel == "triton" and torch.cuda.is_available():  # imports torch._dynamo: not on CPU machines
+            torch.compiler.assume_constant_result(_tf32_for_convs)
 
     def portable_copy(self) -> NiN:
         """A copy that runs anywhere: on the CPU, fp32, eval mode, PyTorch's own layers (no Triton)."""
@@ -85,11 +93,41 @@ class NiN(nn.Sequential):
         model.set_kernel("torch")
         return model
 
-    def _block(self, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "torch" or not isinstance(block[-1], nn.ReLU):
+    def _cudnn_instead(self, block: nn.Sequential, dtype: torch.dtype, allow_tf32: bool) -> str | None:
+        """Why `block` runs as PyTorch layers under model.kernel=triton on CUDA, or None if fused."""
+        if not isinstance(block[-1], nn.ReLU):
             # The fused kernel always ends in ReLU; a block without it (model.logit_relu=false, the
             # 10-channel head: a sliver of the FLOPs) runs as PyTorch layers.
-            return block(x)
+            return "no final ReLU"
+        from kernels.ops import cudnn_instead
+
+        return cudnn_instead(block[self._stem_end + 1].out_channels, dtype, allow_tf32)
+
+    def describe_paths(self, dtype: torch.dtype, allow_tf32: bool) -> str:
+        """One line: what each block's 1x1 pair runs on CUDA under model.kernel=triton, for the
+        compute dtype (the autocast dtype, else the parameters') and PyTorch's TF32 setting."""
+        parts = []
+        for layer in self:
+            if isinstance(layer, nn.Sequential):
+                reason = self._cudnn_instead(layer, dtype, allow_tf32)
+                path = "fused Triton" if reason is None else f"cuDNN ({reason})"
+                parts.append(f"C={layer[self._stem_end + 1].out_channels} {path}")
+        tf32 = f", TF32 {'on' if allow_tf32 else 'off'}" if dtype == torch.float32 else ""
+        return f"model.kernel=triton on CUDA, {str(dtype).removeprefix('torch.')}{tf32}: " + "; ".join(parts)
+
+    def log_paths(self, dtype: torch.dtype, allow_tf32: bool) -> None:
+        """Log `describe_paths` once per (dtype, TF32 setting) this model is asked about."""
+        if (dtype, allow_tf32) not in self._logged_paths:
+            self._logged_paths.add((dtype, allow_tf32))
+            log.info("%s", self.describe_paths(dtype, allow_tf32))
+
+    def _block(self, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "torch" or not isinstance(block[-1], nn.ReLU):
+            return block(x)  # see _cudnn_instead
+        if x.is_cuda:  # the CPU (the interpreter) runs every block with a final ReLU fused, as tests need
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            if self._cudnn_instead(block, dtype, _tf32_for_convs()) is not None:
+                return block(x)
         from kernels import fused_pointwise_mlp
 
         for layer in block[: self._stem_end]:
@@ -102,6 +140,15 @@ class NiN(nn.Sequential):
         for layer in self:
             x = self._block(layer, x) if isinstance(layer, nn.Sequential) else layer(x)
         return x
+
+
+def _tf32_for_convs() -> bool:
+    """kernels.ops.conv_allows_tf32, which torch.compile cannot trace (torch.backends' precision
+    properties): `set_kernel` marks this wrapper a constant, read once when a graph is traced. A run
+    sets its TF32 policy before its first step, so the constant holds."""
+    from kernels.ops import conv_allows_tf32
+
+    return conv_allows_tf32()
 
 
 def init_weights(model: nn.Module) -> None:
