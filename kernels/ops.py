@@ -118,8 +118,12 @@ def _bwd(bm, bn, bk, dw, warps=4, dw_warps=4):
 
 
 _BWD = {  # dtype class -> (unaligned, aligned); these kernels hold no full-width tile
-    "16bit": (_bwd(64, 32, 32, (64, 32, 32)), _bwd(64, 64, 64, (64, 64, 64))),
-    "tf32": (_bwd(64, 32, 32, (64, 32, 32)), _bwd(64, 64, 32, (64, 64, 32))),
+    # 16-bit dW's unaligned tile is 64 wide: 32 spilled 8 bytes (at 80 registers) on sm_80 with triton
+    # 3.7 in NiN's NCHW C=384 launch, where the JIT marks the tiles per split divisible by 16
+    "16bit": (_bwd(64, 32, 32, (64, 64, 32)), _bwd(64, 64, 64, (64, 64, 64))),
+    # tf32 dW keeps 32 columns aligned too: 64 spilled 20 bytes on sm_80 with triton 3.6 in the NiN
+    # launches (kernels.aot --set nin), whose strides the JIT marks divisible by 16
+    "tf32": (_bwd(64, 32, 32, (64, 32, 32)), _bwd(64, 64, 32, (64, 32, 32))),
     "ieee": (_bwd(32, 32, 16, (32, 32, 16), dw_warps=8), _bwd(32, 32, 16, (32, 32, 16), dw_warps=8)),
 }
 _REDUCE = _cfg(BLOCK=1024, num_warps=4, num_stages=1)
