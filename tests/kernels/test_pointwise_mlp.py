@@ -21,6 +21,8 @@ from torch import nn
 
 import kernels
 from kernels import aot, fused_pointwise_mlp, ops, pointwise_mlp, reference_pointwise_mlp
+from nin_dist.config import load_config
+from nin_dist.shapes import NUM_CLASSES, block_widths, feature_sizes
 
 REPO = Path(__file__).resolve().parents[2]
 CUDA = torch.cuda.is_available()
@@ -398,7 +400,12 @@ def test_aot_compiles_the_launches_with_the_jits_specializations():
     assert dw == {"channels_last", "nchw"}  # an NCHW backward's dW2 reads the channels_last h buffer
     assert set(found) & set(ops.gpu_variants()) == set()
     assert aot.launch_variants([(10, 5)]) == {}  # cuDNN runs the 10-channel head: no launch to compile
-    assert aot.nin_blocks() == [(96, 54), (256, 26), (384, 12), (10, 5)]
+    blocks = set()  # kernels.aot's NiN blocks are those the training configs build
+    for name in ("d2l", "fast"):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        sides = feature_sizes(cfg.model.stem, cfg.data.resize)[0::2]
+        blocks |= set(zip((*block_widths(cfg.model.width), NUM_CLASSES), sides, strict=True))
+    assert blocks == set(aot.NIN_BLOCKS)
 
 
 @pytest.mark.slow
