@@ -1,8 +1,16 @@
 """Compile every kernel variant the GPU dispatch can choose, for sm_80 and sm_90, without a GPU.
 
-    python -m kernels.aot [--arch 80 90] [--json PATH] [--jobs N] [--only KERNEL]
+    python -m kernels.aot [--arch 80 90] [--set all|general|nin] [--json PATH] [--jobs N] [--only KERNEL]
 
-For each ``kernels.ops.gpu_variants()`` entry and each architecture,
+Two sets of variants, both by default. "general": every ``kernels.ops.gpu_variants()`` entry, the
+table's configs with the specializations any launch of their kind gets. "nin": the launches the
+NiN shapes make (``launch_variants``: the blocks of configs/d2l.yaml and configs/fast.yaml at batch
+128 and 256, bf16, fp16 and fp32 as TF32, channels_last and NCHW), with the JIT's specializations of
+their actual integer arguments: sizes, strides and grid-order numbers that are 1 become constants
+and those divisible by 16 are marked, so a one-chunk block's STEP_T and CHUNKS are constants too.
+These are the kernels that run in training, and each row says which shapes launch it.
+
+For each variant and each architecture,
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` lowers the kernel to PTX and
 a cubin on this machine, and triton's own ``ptxas -v`` log gives registers and spills (when the
 kernel comes from triton's cache, ptxas is run again on its PTX). A variant is a kernel, a dtype,
@@ -21,7 +29,8 @@ exit status 1 and one line per failure if any fails:
 - ptxas reports zero spill bytes;
 - shared memory fits the card: 163 KiB per block on sm_80 (A100 opt-in), 227 KiB on sm_90 (H100).
 
-About a minute on two CPU cores (``--jobs`` compile processes, default one per core).
+About a minute per set and architecture on two CPU cores (``--jobs`` compile processes, default one
+per core).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import io
+import itertools
 import json
 import os
 import re
@@ -74,6 +84,82 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict[str, str]:
         else:
             signature[name] = "i32"
     return signature
+
+
+# (channels, side) of the NiN blocks that configs/d2l.yaml and configs/fast.yaml build (224-pixel input,
+# stem 11/4/0, width 1): written out, as this package imports nothing of nin_dist; a test derives
+# them from the configs with nin_dist.shapes and compares
+NIN_BLOCKS = ((96, 54), (256, 26), (384, 12), (10, 5))
+NIN_BATCHES = (128, 256)
+NIN_DTYPES = ((torch.bfloat16, False), (torch.float16, False), (torch.float32, True))  # (dtype, TF32)
+NIN_LAYOUTS = ("channels_last", "nchw")
+
+
+def jit_specialization(value: int) -> str:
+    """How triton's JIT specializes an int argument at launch: "constexpr" (equal to 1), "D" (marked
+    divisible by 16), "" (neither), prefixed "i64 " when it needs 64 bits. Asked of triton's own
+    ``native_specialize_impl`` (3.6 to 3.9 have it), else ``written_rule``, the same rule written out."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)[:2]
+    except (ImportError, TypeError, ValueError):  # moved or changed in a later triton
+        return written_rule(value)
+    return "constexpr" if kind == "constexpr" else ("i64 " if kind == "i64" else "") + (spec or "")
+
+
+def written_rule(value: int) -> str:
+    """triton's rule for an int argument (runtime/jit.py's specialize_impl, 3.x)."""
+    if value == 1:
+        return "constexpr"
+    return ("i64 " if not -2**31 <= value < 2**31 else "") + ("D" if value % 16 == 0 else "")
+
+
+def launch_variants(blocks=NIN_BLOCKS, batches=NIN_BATCHES, dtypes=NIN_DTYPES, layouts=NIN_LAYOUTS) -> dict:
+    """The variants the launchers compile for these shapes, each with the shapes that launch it:
+    ``{Variant: ["C96 54x54 N128 channels_last", ...]}`` (the layout of x). Each forward and backward is run on meta
+    tensors with its launches recorded (``pointwise_mlp.recorded``), so the integer arguments are
+    exactly the launchers' and get the JIT's specializations. Blocks the model leaves to cuDNN
+    (``ops.cudnn_instead``) are skipped: no kernel of theirs runs."""
+    from kernels import pointwise_mlp
+    from kernels.ops import Variant, cudnn_instead, gpu_plan
+
+    found: dict = {}
+    for (C, side), N, (dtype, tf32), layout in itertools.product(blocks, batches, dtypes, layouts):
+        if cudnn_instead(C, dtype, tf32):
+            continue
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.empty((N, C, side, side), dtype=dtype, device="meta").to(memory_format=fmt)
+        w = torch.empty((C, C, 1, 1), dtype=dtype, device="meta")
+        b = torch.empty((C,), dtype=dtype, device="meta")
+        plan = gpu_plan(C, dtype, tf32)
+        with pointwise_mlp.recorded() as launches:
+            y = pointwise_mlp.forward(x, w, b, w, b, True, plan)
+            pointwise_mlp.backward(torch.empty_like(y), x, w, b, w, y, True, plan)
+        for launch in launches:
+            names = getattr(pointwise_mlp, launch.kernel).arg_names
+            specs = {name: jit_specialization(v) for name, v in zip(names, launch.args, strict=False)
+                     if type(v) is int}
+            wide = [name for name, spec in specs.items() if spec.startswith("i64")]
+            if wide:
+                raise ValueError(f"{launch.kernel} at C={C} N={N}: 64-bit int arguments {wide}")
+            kwargs = dict(launch.kwargs)
+            warps, stages = kwargs.pop("num_warps"), kwargs.pop("num_stages")
+            ones = tuple(n for n, spec in specs.items() if spec == "constexpr")
+            # the kernel's own layout, from its unit stride: dW2's launch reads the channels_last h buffer
+            # whatever x's layout; the reduce has none
+            kernel_layout = ("any" if launch.kernel == "_bwd_reduce_kernel"
+                             else "channels_last" if any(n.startswith("stride_") and n.endswith("c") for n in ones)
+                             else "nchw")
+            variant = Variant(launch.kernel, dtype, tuple(sorted(kwargs.items())), warps, stages, kernel_layout,
+                              kernel_layout == "channels_last" and C % 16 == 0, ones,
+                              tuple(n for n, spec in specs.items() if spec == "D"))
+            label = f"C{C} {side}x{side} N{N} {layout}"
+            found.setdefault(variant, [])
+            if label not in found[variant]:
+                found[variant].append(label)
+    return found
 
 
 def _parse_ptxas_log(log: str) -> dict[str, int] | None:
@@ -182,16 +268,26 @@ def check(row: dict) -> list[str]:
     return problems
 
 
+def _launch_summary(labels: list[str]) -> str:
+    """["C96 54x54 N128 nchw", "C96 54x54 N256 nchw"] -> "C96 N128,256": channels and batches."""
+    batches: dict[str, list[str]] = {}
+    for label in labels:
+        channels, _, batch = label.split()[:3]
+        batches.setdefault(channels, []).append(batch[1:])
+    return " ".join(f"{c} N{','.join(dict.fromkeys(b))}" for c, b in batches.items()) or "-"
+
+
 def _format_table(rows: list[dict]) -> str:
-    head = ("kernel", "dtype", "arch", "layout", "config", "smem", "regs", "spill", "tensor-core")
+    head = ("kernel", "dtype", "arch", "layout", "config", "smem", "regs", "spill", "tensor-core", "NiN launches")
     lines = []
     for r in rows:
         first = (r["kernel"], r["dtype"], r["arch"], r["layout"], r["config"])
+        shapes = _launch_summary(r.get("launched_by", []))
         if "error" in r:
-            lines.append((*first, "-", "-", "-", "ERROR"))
+            lines.append((*first, "-", "-", "-", "ERROR", shapes))
             continue
         tc = f"wgmma x{r['wgmma']}" if r["wgmma"] else (f"mma x{r['mma']}" if r["mma"] else "-")
-        lines.append((*first, str(r["shared_bytes"]), str(r["registers"]), str(r["spill_bytes"]), tc))
+        lines.append((*first, str(r["shared_bytes"]), str(r["registers"]), str(r["spill_bytes"]), tc, shapes))
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(fmt.format(*x) for x in [head, *lines])
@@ -204,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the rows and failures as JSON")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compile processes (default: one per CPU)")
+    parser.add_argument("--set", choices=("all", "general", "nin"), default="all",
+                        help="the table's variants, the NiN shapes' launches, or both (default)")
     parser.add_argument("--only", metavar="TEXT", default="",
                         help="compile only the kernels whose name contains TEXT")
     args = parser.parse_args(argv)
@@ -214,12 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     from kernels.ops import gpu_variants
 
     ptxas = find_ptxas()
-    variants = [v for v in gpu_variants() if args.only in v.kernel]
+    launched_by: dict = {} if args.set == "general" else launch_variants(NIN_BLOCKS)
+    candidates = ({} if args.set == "nin" else dict.fromkeys(gpu_variants())) | dict.fromkeys(launched_by)
+    variants = [v for v in candidates if args.only in v.kernel]
     jobs = [(v, arch) for arch in args.arch for v in variants]
     start = time.perf_counter()
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         rows = list(pool.map(compile_variant, [v for v, _ in jobs], [a for _, a in jobs], [ptxas] * len(jobs)))
     wall = time.perf_counter() - start
+    for row, (variant, _) in zip(rows, jobs, strict=True):
+        row["launched_by"] = launched_by.get(variant, [])
 
     print(_format_table(rows))
     failures = [msg for row in rows for msg in check(row)]

@@ -15,6 +15,8 @@ accumulator width (64, 128, 256 or 512), each kernel with one config for aligned
 launches and one for the rest. No autotuning: every config in the tables is one ``kernels.aot``
 has compiled and checked (no spills, tensor cores, shared memory) for sm_80 and sm_90, and
 ``gpu_variants()`` lists them all. fp32 uses TF32 exactly when PyTorch's own convolutions would.
+``cudnn_instead`` says which CUDA blocks the model leaves to cuDNN (too few channels, fp32 without
+TF32): the "ieee" tables remain for direct calls of the op.
 """
 
 from __future__ import annotations
@@ -116,8 +118,12 @@ def _bwd(bm, bn, bk, dw, warps=4, dw_warps=4):
 
 
 _BWD = {  # dtype class -> (unaligned, aligned); these kernels hold no full-width tile
-    "16bit": (_bwd(64, 32, 32, (64, 32, 32)), _bwd(64, 64, 64, (64, 64, 64))),
-    "tf32": (_bwd(64, 32, 32, (64, 32, 32)), _bwd(64, 64, 32, (64, 64, 32))),
+    # 16-bit dW's unaligned tile is 64 wide: 32 spilled 8 bytes (at 80 registers) on sm_80 with triton
+    # 3.7 in NiN's NCHW C=384 launch, where the JIT marks the tiles per split divisible by 16
+    "16bit": (_bwd(64, 32, 32, (64, 64, 32)), _bwd(64, 64, 64, (64, 64, 64))),
+    # tf32 dW keeps 32 columns aligned too: 64 spilled 20 bytes on sm_80 with triton 3.6 in the NiN
+    # launches (kernels.aot --set nin), whose strides the JIT marks divisible by 16
+    "tf32": (_bwd(64, 32, 32, (64, 32, 32)), _bwd(64, 64, 32, (64, 32, 32))),
     "ieee": (_bwd(32, 32, 16, (32, 32, 16), dw_warps=8), _bwd(32, 32, 16, (32, 32, 16), dw_warps=8)),
 }
 _REDUCE = _cfg(BLOCK=1024, num_warps=4, num_stages=1)
@@ -144,6 +150,23 @@ def _dtype_class(dtype: torch.dtype, allow_tf32: bool) -> str:
     if dtype in (torch.bfloat16, torch.float16):
         return "16bit"
     return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+
+
+MIN_TENSOR_CORE_CHANNELS = 16  # a tl.dot's smallest K and N: fewer channels are mostly padding
+
+
+def cudnn_instead(C: int, dtype: torch.dtype, allow_tf32: bool) -> str | None:
+    """Why a CUDA block of C channels in `dtype` should run as PyTorch's convolutions (cuDNN), or None
+    when the fused kernel runs. What cannot win goes to cuDNN: fewer channels than one tensor-core
+    tile (NiN's 10-channel head: the dots are mostly zero padding, and the launches cost more than
+    the work), and fp32 without TF32 (the kernel's "ieee" dots are FMA loops, far below cuDNN's
+    FP32 convolutions) or any dtype the GPU tables do not cover (fp64)."""
+    if C < MIN_TENSOR_CORE_CHANNELS:
+        return f"{C} channels, fewer than the {MIN_TENSOR_CORE_CHANNELS} of a tensor-core tile"
+    if _dtype_class(dtype, allow_tf32) == "ieee":
+        return ("fp32 with TF32 off (IEEE fp32 dots are FMA loops)" if dtype == torch.float32
+                else f"{str(dtype).removeprefix('torch.')} has no tensor-core kernel")
+    return None
 
 
 @functools.cache  # a pure function of its arguments, called on every launch

@@ -86,6 +86,7 @@ serves both settings (and ``kernels.aot`` checks exactly the kernels that run).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import weakref
@@ -629,10 +630,49 @@ def _arrange(out: torch.Tensor, *inputs: torch.Tensor) -> _Arrangement:
     return _Arrangement(tensors, images, HW, strides, channels_last, aligned)
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the launchers below make it, recorded instead of run (``recorded``)."""
+
+    kernel: str  # attribute name in this module, e.g. "_fwd_kernel"
+    grid: tuple[int, ...]
+    args: tuple  # positional arguments: tensors, ints, floats, in the kernel's order
+    kwargs: dict  # constexprs, num_warps, num_stages
+
+
+_RECORDING: list[Launch] | None = None  # set by ``recorded``: launches are listed, not run
+
+
+@dataclasses.dataclass
+class _Recorder:
+    """Stands in for ``kernel[grid](...)`` while recording."""
+
+    kernel: str
+    log: list[Launch]
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append(Launch(self.kernel, tuple(grid), args, kwargs))
+
+
+@contextlib.contextmanager
+def recorded():
+    """Within it, ``forward`` and ``backward`` append each launch they would make to the yielded
+    list and run none, so meta tensors do: kernels.aot compiles the exact launches of given shapes
+    (the integer arguments the JIT specializes on) without a GPU."""
+    global _RECORDING
+    previous, _RECORDING = _RECORDING, []
+    try:
+        yield _RECORDING
+    finally:
+        _RECORDING = previous
+
+
 def _launchable(kernel):
     """``wrap_triton(kernel)``, so that ``triton_op`` traces the launch. Under TRITON_INTERPRET=1
     the kernel is a plain Python function that no graph ever holds (``kernels.ops`` registers the
     op as an opaque ``custom_op`` then), launched as it is: torch 2.11's wrap_triton refuses it."""
+    if _RECORDING is not None:
+        return _Recorder(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, _RECORDING)
     return kernel if isinstance(kernel, InterpretedFunction) else wrap_triton(kernel)
 
 

@@ -7,7 +7,9 @@ checkpoint loads unchanged.
 
 The kernel switch (`model.kernel`) only changes how a block's two 1x1 convs are computed: `torch`
 runs the block's layers as they are; `triton` runs the k x k conv, then one fused Triton kernel for
-ReLU -> 1x1 -> ReLU -> 1x1 -> ReLU on the same parameters.
+ReLU -> 1x1 -> ReLU -> 1x1 -> ReLU on the same parameters. On CUDA, `triton` leaves to cuDNN the
+blocks the kernel cannot win (`kernels.ops.cudnn_instead`: the 10-channel head, fp32 without TF32);
+`describe_paths` says which, and the trainer logs it once.
 
 `python -m nin_dist.model --trace` prints the layer-by-layer output shapes in the seed's format.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import sys
 
 import torch
@@ -26,6 +29,8 @@ from nin_dist.errors import ConfigError
 from nin_dist.layers import CrossRankBatchNorm2d, GlobalBatchDropout
 from nin_dist.profiling import region
 from nin_dist.shapes import NUM_CLASSES, POOL_KERNEL, POOL_STRIDE, block_widths, flops_per_image
+
+log = logging.getLogger(__name__)
 
 DROPOUT_LAYER = 6  # the seed's nn.Dropout, before the last block
 # What a profile calls each top-level layer (nin_dist.profiling.region); a block's parts are named below it.
@@ -71,6 +76,7 @@ class NiN(nn.Sequential):
         # Index of the k x k conv's last pre-ReLU layer (the conv, or its BatchNorm) in each block.
         self._stem_end = 2 if bn else 1
         self.kernel = "torch"
+        self._logged_paths: set[tuple[torch.dtype, bool]] = set()
 
     def set_dropout_rows(self, offset: int, global_rows: int, seed: int) -> None:
         """Which rows of the global batch this rank holds, and the step's dropout seed."""
@@ -81,12 +87,51 @@ class NiN(nn.Sequential):
         if kernel not in ("torch", "triton"):
             raise ValueError(f"kernel must be 'torch' or 'triton', got {kernel!r}")
         self.kernel = kernel
+        if kernel == "triton" and torch.cuda.is_available():  # imports torch._dynamo: not on CPU machines
+            torch.compiler.assume_constant_result(_tf32_for_convs)
 
     def portable_copy(self) -> NiN:
         """A copy that runs anywhere: on the CPU, fp32, eval mode, PyTorch's own layers (no Triton)."""
         model = copy.deepcopy(self).cpu().float().eval()
         model.set_kernel("torch")
         return model
+
+    def _cudnn_instead(self, block: nn.Sequential, dtype: torch.dtype, allow_tf32: bool) -> str | None:
+        """Why `block` runs as PyTorch layers under model.kernel=triton on CUDA, or None if fused."""
+        if not isinstance(block[-1], nn.ReLU):
+            # The fused kernel always ends in ReLU; a block without it (model.logit_relu=false, the
+            # 10-channel head: a sliver of the FLOPs) runs as PyTorch layers.
+            return "no final ReLU"
+        from kernels.ops import cudnn_instead
+
+        return cudnn_instead(block[self._stem_end + 1].out_channels, dtype, allow_tf32)
+
+    def describe_paths(self, dtype: torch.dtype, allow_tf32: bool) -> str:
+        """One line: what each block's 1x1 pair runs on CUDA under model.kernel=triton, for the
+        compute dtype (the autocast dtype, else the parameters') and PyTorch's TF32 setting."""
+        parts = []
+        for layer in self:
+            if isinstance(layer, nn.Sequential):
+                reason = self._cudnn_instead(layer, dtype, allow_tf32)
+                path = "fused Triton" if reason is None else f"cuDNN ({reason})"
+                parts.append(f"C={layer[self._stem_end + 1].out_channels} {path}")
+        tf32 = f", TF32 {'on' if allow_tf32 else 'off'}" if dtype == torch.float32 else ""
+        return f"model.kernel=triton on CUDA, {str(dtype).removeprefix('torch.')}{tf32}: " + "; ".join(parts)
+
+    def log_paths(self, dtype: torch.dtype, allow_tf32: bool) -> None:
+        """Log `describe_paths` once per (dtype, TF32 setting) this model is asked about."""
+        if (dtype, allow_tf32) not in self._logged_paths:
+            self._logged_paths.add((dtype, allow_tf32))
+            log.info("%s", self.describe_paths(dtype, allow_tf32))
+
+    def _pair_as_layers(self, block: nn.Sequential, x: torch.Tensor) -> bool:
+        """Whether `block`'s 1x1 pair runs as PyTorch layers (see _cudnn_instead), not the fused op."""
+        if self.kernel == "torch" or not isinstance(block[-1], nn.ReLU):
+            return True
+        if not x.is_cuda:  # the CPU (the interpreter) runs every block with a final ReLU fused, as tests need
+            return False
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        return self._cudnn_instead(block, dtype, _tf32_for_convs()) is not None
 
     def _block(self, block: nn.Sequential, x: torch.Tensor, name: str) -> torch.Tensor:
         # Its layers one by one (nn.Sequential's forward), in the regions a profile shows (nin_dist.profiling).
@@ -98,9 +143,7 @@ class NiN(nn.Sequential):
             with region(bn_name):
                 x = layers[1](x)
         with region(pair_name):
-            if self.kernel == "torch" or not isinstance(layers[-1], nn.ReLU):
-                # The fused kernel always ends in ReLU; a block without it (model.logit_relu=false, the
-                # 10-channel head: a sliver of the FLOPs) runs as PyTorch layers.
+            if self._pair_as_layers(block, x):
                 for layer in layers[self._stem_end:]:
                     x = layer(x)
                 return x
@@ -126,6 +169,15 @@ def _part_names(block: str, kernel_size: tuple[int, int]) -> tuple[str, str, str
     """A block's regions: its k x k conv, its BatchNorm, its 1x1 pair (with the ReLU before it). Not cached:
     a few string formats a step, and torch.compile warns on (and ignores) a cache wrapper it traces."""
     return f"{block}/conv{kernel_size[0]}x{kernel_size[1]}", f"{block}/batchnorm", f"{block}/pair1x1"
+
+
+def _tf32_for_convs() -> bool:
+    """kernels.ops.conv_allows_tf32, which torch.compile cannot trace (torch.backends' precision
+    properties): `set_kernel` marks this wrapper a constant, read once when a graph is traced. A run
+    sets its TF32 policy before its first step, so the constant holds."""
+    from kernels.ops import conv_allows_tf32
+
+    return conv_allows_tf32()
 
 
 def init_weights(model: nn.Module) -> None:

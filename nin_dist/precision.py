@@ -69,6 +69,11 @@ def param_dtype(train: TrainConfig) -> torch.dtype:
     return torch.float64 if train.precision == "fp64" else torch.float32
 
 
+def compute_dtype(train: TrainConfig) -> torch.dtype:
+    """The dtype the convolutions compute in: autocast's, else the parameters'."""
+    return _AUTOCAST_DTYPES.get(train.precision) or param_dtype(train)
+
+
 def memory_format(train: TrainConfig) -> torch.memory_format:
     return torch.channels_last if train.channels_last else torch.contiguous_format
 

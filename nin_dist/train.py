@@ -40,7 +40,7 @@ from nin_dist.logs import init_logging
 from nin_dist.model import build_model
 from nin_dist.optim import apply_hyperparameters, build_optimizer, build_scheduler, state_is_finite
 from nin_dist.perf import mfu
-from nin_dist.precision import check_device, memory_format, param_dtype, prepare
+from nin_dist.precision import check_device, compute_dtype, memory_format, param_dtype, prepare
 from nin_dist.progress import Progress
 from nin_dist.run_dir import RunDir, open_run_dir, resolve_run
 from nin_dist.scoring import Scorer
@@ -67,6 +67,10 @@ class Trainer:
                                     cfg.seed)
         self.raw_model = build_model(cfg.model, info.device).to(dtype=param_dtype(cfg.train),
                                                                  memory_format=memory_format(cfg.train))
+        if self.raw_model.kernel == "triton" and info.device.type == "cuda":
+            from kernels.ops import conv_allows_tf32
+
+            self.raw_model.log_paths(compute_dtype(cfg.train), conv_allows_tf32())
         self.opt = build_optimizer(self.raw_model, cfg.optim)
         self.ema = WeightEMA(self.raw_model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16")

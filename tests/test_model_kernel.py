@@ -1,6 +1,7 @@
 """model.kernel=triton (the fused kernels) against model.kernel=torch on the same NiN and batch."""
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -46,3 +47,31 @@ def test_kernel_switch_keeps_state_dict_keys():
 
 def test_kernel_triton_on_cpu_uses_the_interpreter():
     assert build_model(CPU_MODEL.__class__(kernel="triton"), "cpu").kernel == "triton"
+
+
+def test_on_cuda_what_cannot_win_goes_to_cudnn():
+    """The CUDA dispatch rule, a pure function of channels, dtype and PyTorch's TF32 setting."""
+    from kernels.ops import cudnn_instead
+
+    for dtype, tf32 in ((torch.bfloat16, False), (torch.float16, True), (torch.float32, True)):
+        assert cudnn_instead(96, dtype, tf32) is None and cudnn_instead(384, dtype, tf32) is None
+        assert cudnn_instead(16, dtype, tf32) is None  # one tensor-core tile: the smallest that runs fused
+        assert "10 channels" in cudnn_instead(10, dtype, tf32)  # NiN's head
+    assert "TF32 off" in cudnn_instead(256, torch.float32, False)
+    assert "float64" in cudnn_instead(256, torch.float64, True)
+
+
+def test_the_cuda_paths_are_logged_once_in_one_line(caplog):
+    model = NiN()  # the seed's widths: 96, 256, 384 and the 10-class head
+    model.set_kernel("triton")
+    with caplog.at_level(logging.INFO, logger="nin_dist.model"):
+        for _ in range(2):
+            model.log_paths(torch.bfloat16, False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "model.kernel=triton on CUDA, bfloat16: C=96 fused Triton; C=256 fused Triton; C=384 fused Triton; "
+        "C=10 cuDNN (10 channels, fewer than the 16 of a tensor-core tile)"]
+    ieee = model.describe_paths(torch.float32, allow_tf32=False)
+    assert ieee.startswith("model.kernel=triton on CUDA, float32, TF32 off: C=96 cuDNN (fp32 with TF32 off")
+    assert ieee.count("cuDNN") == 4
+    no_relu = NiN(dataclasses.replace(ModelConfig(), logit_relu=False)).describe_paths(torch.float16, False)
+    assert no_relu.endswith("C=10 cuDNN (no final ReLU)")

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 import kernels
-from kernels import fused_pointwise_mlp, ops, pointwise_mlp, reference_pointwise_mlp
+from kernels import aot, fused_pointwise_mlp, ops, pointwise_mlp, reference_pointwise_mlp
+from nin_dist.config import load_config
+from nin_dist.shapes import NUM_CLASSES, block_widths, feature_sizes
 
 REPO = Path(__file__).resolve().parents[2]
 CUDA = torch.cuda.is_available()
@@ -382,16 +384,42 @@ def test_version_floor_reads_release_numbers():
     assert kernels._release(torch.__version__) >= kernels.MIN_TORCH
 
 
+def test_aot_compiles_the_launches_with_the_jits_specializations():
+    """kernels.aot's NiN set records each launch of the launchers (on meta tensors) and specializes its
+    int arguments as triton's JIT does: a block of one channel chunk gets CHUNKS and STEP_T as
+    constants, which the table's general variants never had."""
+    assert [aot.jit_specialization(v) for v in (1, 0, 48, 17, 2**31 + 16)] == ["constexpr", "D", "D", "", "i64 D"]
+    for v in (*range(-20, 70), 2**31 - 1, 2**31, -2**31 - 1):  # the fallback rule agrees with triton's own
+        assert aot.written_rule(v) == aot.jit_specialization(v), v
+    found = aot.launch_variants([(32, 5)], batches=(128,), dtypes=[(torch.bfloat16, False)])
+    hidden = {v.layout: v for v in found if v.kernel == "_bwd_hidden_kernel"}
+    assert set(hidden["channels_last"].unit_strides) == {"CHUNKS", "STEP_T", "STEP_C", "stride_xc", "stride_yc"}
+    assert "HW" in hidden["channels_last"].divisible and "TILES_PER_IMAGE" in hidden["nchw"].unit_strides
+    assert found[hidden["nchw"]] == ["C32 5x5 N128 nchw"]
+    dw = {v.layout for v in found if v.kernel == "_bwd_dw_kernel"}
+    assert dw == {"channels_last", "nchw"}  # an NCHW backward's dW2 reads the channels_last h buffer
+    assert set(found) & set(ops.gpu_variants()) == set()
+    assert aot.launch_variants([(10, 5)]) == {}  # cuDNN runs the 10-channel head: no launch to compile
+    blocks = set()  # kernels.aot's NiN blocks are those the training configs build
+    for name in ("d2l", "fast"):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        sides = feature_sizes(cfg.model.stem, cfg.data.resize)[0::2]
+        blocks |= set(zip((*block_widths(cfg.model.width), NUM_CLASSES), sides, strict=True))
+    assert blocks == set(aot.NIN_BLOCKS)
+
+
 @pytest.mark.slow
 def test_aot_compiles_every_variant(tmp_path):
-    """python -m kernels.aot: every dispatchable variant compiles for sm_90 (no GPU needed), 16-bit
-    and tf32 dots use wgmma, nothing spills, shared memory fits. About a minute on 2 cores. sm_90 is
-    the H100/H200 this project trains on; .ci/run compiles sm_80 with this Triton, and both
-    architectures with the other Tritons the project meets (3.6, 3.7, 3.9)."""
+    """python -m kernels.aot --set nin: every kernel the NiN shapes launch (batch 128 and 256, bf16,
+    fp16, TF32, both layouts, with the JIT's specializations of their actual arguments) compiles for
+    sm_90 (no GPU needed), its dots use wgmma, nothing spills, shared memory fits. About a minute on
+    2 cores. sm_90 is the H100/H200 this project trains on; .ci/run compiles the table's general
+    variants for sm_90 and both sets for sm_80 with this Triton, and both with the other Tritons the
+    project meets (3.6, 3.7, 3.9)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "aot.json"
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "90", "--json", str(out)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "90", "--set", "nin", "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["rows"]
@@ -399,8 +427,10 @@ def test_aot_compiles_every_variant(tmp_path):
     assert {r["arch"] for r in rows} == {"sm_90"}
     assert {r["kernel"] for r in rows} == {"_fwd_kernel", "_bwd_hidden_kernel", "_bwd_dx_kernel", "_bwd_dw_kernel",
                                            "_bwd_reduce_kernel"}
-    bf16_fwd = [r for r in rows if r["kernel"] == "_fwd_kernel" and r["dtype"] == "bf16"]
-    assert bf16_fwd and all(r["wgmma"] > 0 for r in bf16_fwd)
+    launched = {" ".join(label.split()[:3:2]) for r in rows for label in r["launched_by"]}
+    assert launched == {f"C{c} N{n}" for c in (96, 256, 384) for n in (128, 256)}  # C=10 runs on cuDNN
+    dots = [r for r in rows if r["kernel"] != "_bwd_reduce_kernel"]
+    assert dots and all(r["wgmma"] > 0 for r in dots)
     assert max(r["spill_bytes"] for r in rows) == 0
 
 
