@@ -29,7 +29,7 @@ import torch
 from helpers import CPU_CONFIG, data_dir, env, finish, free_port, start, train_in_process
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow_runs import INFO, TINY, config, step_metrics, wait_for
+from mlflow_runs import INFO, TINY, config, run_models, step_metrics, wait_for
 
 from nin_dist import checkpoint
 from nin_dist.config import load_config
@@ -66,7 +66,7 @@ def registered(tmp_path_factory, sqlite_uri):
 def test_a_run_registers_its_model_and_the_alias_loads_it(registered):
     client, version, run, root = registered["client"], registered["version"], registered["run"], registered["root"]
     assert run.info.run_name == "reg"
-    assert version.source == f"models:/{run.outputs.model_outputs[0].model_id}"
+    assert version.source == f"models:/{run_models(client, run)['model']}"
     # The model page's signature: raw uint8 images in; label, class name and probabilities out.
     signature = mlflow.models.get_model_info(f"models:/{NAME}/{version.version}").signature
     assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, 28, 28)}}]
@@ -110,14 +110,14 @@ def test_the_runs_test_acc_and_loss_are_what_its_logged_model_scores(precision_r
     test/acc and test/loss, the model's linked metrics and metrics.json are the served model's, scored
     here with mlflow.pyfunc.load_model over the run's test images."""
     run, run_dir = precision_run
-    (output,) = run.outputs.model_outputs
+    model_id = run_models(registered["client"], run)["model"]
     mlflow.set_tracking_uri(registered["uri"])
-    answer = mlflow.pyfunc.load_model(f"models:/{output.model_id}").predict(registered["images"].images.numpy())
+    answer = mlflow.pyfunc.load_model(f"models:/{model_id}").predict(registered["images"].images.numpy())
     labels = registered["images"].labels.numpy()
     accuracy = float(np.mean(answer["label"].to_numpy() == labels))
     loss = float(-np.log(np.array(answer["probabilities"].tolist())[np.arange(len(labels)), labels]).mean())
 
-    linked = {m.key: m.value for m in registered["client"].get_logged_model(output.model_id).metrics}
+    linked = {m.key: m.value for m in registered["client"].get_logged_model(model_id).metrics}
     written = json.loads((run_dir / "metrics.json").read_text())
     for shown in (run.data.metrics, linked, {"test/acc": written["test_acc"], "test/loss": written["test_loss"]}):
         assert shown["test/acc"] == pytest.approx(accuracy, abs=1e-12)
