@@ -7,10 +7,13 @@ MODEL is one of
 - `runs:/<run_id>/model`: the model a run logged, as MLflow resolves it;
 - a checkpoint (`RUN/checkpoints/last.pt`), or the run folder `RUN` holding one.
 
-An MLflow model is loaded with `mlflow.pytorch.load_model(MODEL)`: the plain network nin-train logs
-as the model's pytorch flavor, an exported (`pt2`) graph, which MLflow checks to be free of pickles
-before loading; the preprocessing is then done here from the run's config, as the run did it (the
-model's own python_function flavor, which carries it inside, is what `mlflow models serve` runs). Its config is the
+An MLflow model is loaded with `mlflow.pytorch.load_model`: the plain network nin-train logs beside
+the model, as the LoggedModel "network" of the same run and step (an exported `pt2` graph, which
+MLflow checks to be free of pickles before loading); MODEL names the served model "model" (what is
+registered, and what `@best` and `runs:/<run_id>/model` resolve to) or that network itself. The
+preprocessing is then done here from the run's config, as the run did it (the served model, which
+carries it inside, is what `mlflow models serve` runs). A model with no such network beside it
+(logged by an older nin-train, with the network as its own pytorch flavor) is loaded as it is. Its config is the
 `config.yaml` its source run logged. A checkpoint is untrusted input: it is read with
 `torch.load(weights_only=True)` and its weights go into a NiN rebuilt from the run folder's
 `config.yaml` (`RUN/config.yaml` for `RUN/checkpoints/last.pt`); the weights are the moving average
@@ -40,7 +43,8 @@ from nin_dist.precision import memory_format, param_dtype
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"  # the resolved config, in a run folder and among a run's MLflow artifacts
-LOGGED_MODEL_NAME = "model"  # what nin-train names the model it logs
+LOGGED_MODEL_NAME = "model"  # what nin-train names the model it logs (and registers)
+NETWORK_MODEL_NAME = "network"  # what nin-train names the plain network it logs beside it
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # `models:`, `s3:`, `https:` ... (not `C:`-like one letter)
 _LOGGED_MODEL_ID = re.compile(r"^m-[0-9a-f]+$")
 
@@ -157,7 +161,7 @@ def _open_mlflow(uri: str, tracking_uri: str, folder: Path) -> OpenedModel:
     try:
         source = _describe(client, uri)
         config = _download_config(client, source, folder)
-        loaded = mlflow.pytorch.load_model(uri)
+        loaded = mlflow.pytorch.load_model(_network_uri(client, source))
     except MlflowException as err:  # unknown name, alias, version, id or run; a model MLflow refuses
         raise ModelError(f"MODEL {uri}: {first_line(err.message, 240)}") from None
     if isinstance(loaded, torch.fx.GraphModule):
@@ -201,6 +205,25 @@ def _describe(client, uri: str) -> ModelSource:
         except MlflowException:  # a version whose LoggedModel lives in another store
             pass
     return ModelSource(uri, "mlflow", run_id=version.run_id)
+
+
+def _network_uri(client, source: ModelSource) -> str:
+    """The URI of the plain network logged beside the model `source` names (the newest READY one of its
+    run at its step), or `source.uri` itself when it names a network or none is found."""
+    from mlflow.entities import LoggedModelStatus
+
+    if source.model_id is None or source.run_id is None:
+        return source.uri
+    if client.get_logged_model(source.model_id).name == NETWORK_MODEL_NAME:
+        return source.uri
+    run = client.get_run(source.run_id)
+    steps = {o.model_id: o.step for o in (run.outputs.model_outputs if run.outputs else [])}
+    if source.model_id not in steps:
+        return source.uri
+    beside = [client.get_logged_model(model_id) for model_id, step in steps.items()
+              if step == steps[source.model_id] and model_id != source.model_id]
+    networks = [m for m in beside if m.name == NETWORK_MODEL_NAME and m.status == LoggedModelStatus.READY]
+    return f"models:/{max(networks, key=lambda m: m.creation_timestamp).model_id}" if networks else source.uri
 
 
 def _logged(client, uri: str, model_id: str) -> ModelSource:

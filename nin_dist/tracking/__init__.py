@@ -9,10 +9,11 @@ backend, device, kernel, torch / triton / mlflow versions (and the trainer's); m
 namespace and unit (`train/loss`, `perf/img_per_s`) at the global optimizer step; MLflow's own
 system metrics (`system/...`); the two splits as dataset inputs (contexts training / testing); the
 artifacts (`config.yaml`, `metrics.json`, and `predictions/` with the confusion matrix, per-class
-accuracy and misclassified images); the model at the end (named "model", a LoggedModel): raw
-images in, labels, class names and probabilities out, for MLflow's own tools
-(`mlflow models serve -m models:/<model_id>`, `mlflow.pyfunc.load_model`), and the plain network
-for PyTorch users (`mlflow.pytorch.load_model("models:/<model_id>")`).
+accuracy and misclassified images); the models at the end, two LoggedModels at the same step (an
+MLflow model has one signature for all its flavors): "model", raw images in, labels, class names
+and probabilities out, for MLflow's own tools (`mlflow models serve -m models:/<model_id>`,
+`mlflow.pyfunc.load_model`), the one registered; and "network", the plain network for PyTorch
+users (`mlflow.pytorch.load_model("models:/<model_id>")`), preprocessed floats in, logits out.
 
 The modules, one job each:
 
@@ -21,7 +22,7 @@ The modules, one job each:
 - `records`: what a record is (metrics, datasets, artifact, model, end), which are fit to send,
   and sending one to MLflow;
 - `sender`: the background thread that sends records in call order, or keeps them;
-- `saved_model`: the model saved into the spool, and logged from its files (never loaded);
+- `saved_model`: the models saved into the spool, and logged from its files (never loaded);
 - `served_model`: the code MLflow runs to serve that model (self-contained: copied into the model);
 - `registry`: the logged model as a new version of a registered model (`tracking.register_model`);
 - `spool`: records kept in the run folder, read as untrusted input, and their replay;

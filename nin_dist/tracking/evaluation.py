@@ -25,6 +25,7 @@ from pathlib import Path
 
 from nin_dist.config import replace
 from nin_dist.errors import TrackingError
+from nin_dist.model_source import LOGGED_MODEL_NAME
 from nin_dist.tracking.redaction import quiet_run_links, redact, redact_error, redact_uri, run_link, secret_values
 from nin_dist.tracking.run import open_run
 from nin_dist.tracking.store import HttpBounds, check_reachable, resolve_uri
@@ -92,8 +93,10 @@ class EvaluationRun:
             elif source.run_id is not None:  # a checkpoint: its run's model of the same step, if any
                 run = client.get_run(source.run_id)
                 experiment = run.info.experiment_id
+                # the served "model", not the "network" logged beside it at the same step
                 same = [o.model_id for o in (run.outputs.model_outputs if run.outputs else [])
-                        if source.step is None or o.step == source.step]
+                        if (source.step is None or o.step == source.step)
+                        and client.get_logged_model(o.model_id).name == LOGGED_MODEL_NAME]
                 model_id = same[-1] if same else None
         except MlflowException:  # the model or run lives in another store: name it only in the tags
             model_id, experiment = None, None

@@ -21,7 +21,8 @@ A spool may come from a run folder on shared storage, so a record is checked bef
 sent: `record_problem` (the fields of its kind, with their types) and `staged_path` (its `file`, as
 the spool names it, `files/<id>/...`, must lie inside the spool's `files/` folder once every
 symlink is resolved, and hold plain files and folders only); a model must carry this project's own
-served code (`saved_model.check_served_code`: whoever loads it runs it). A record that fails raises
+served code, or be a plain network whose data is an exported graph and no pickle
+(`saved_model.check_fit`: whoever loads it runs it). A record that fails raises
 `BadRecord`: it is never worth sending as it is. `refused` tells a record the store rejected
 (neither worth sending again) from one that failed on the way.
 """

@@ -1,24 +1,26 @@
-"""The run's model: saved into the spool as an MLflow model, then logged from its files.
+"""The run's models: saved into the spool as MLflow models, then logged from their files.
 
-`save_model` writes one MLflow model with two flavors:
+An MLflow model has one signature, whatever flavor loads it, so the run logs two models:
 
-- `python_function`, what MLflow's own tools use (`mlflow models serve`, `mlflow models predict`,
-  `mlflow.pyfunc.load_model`): raw uint8 images in, label, class name and probabilities out, with
-  the run's preprocessing and TTA inside. It is a model from code: `nin_dist.tracking.served_model`
-  (copied into the model, self-contained) runs the artifact `classifier`, a `torch.export` graph of
-  preprocessing + network + softmax (`nin_dist.classifier`). Its signature is a uint8 TensorSpec
-  (-1, 28, 28) in, label / class_name / probabilities out; MLflow passes inputs to it as sent
-  (`mlflow_internals.inputs_as_sent`), and it refuses bad ones itself. Its config holds the class
-  names and the values of the network's largest activation per image, which size its chunks.
-- `pytorch`, the plain network for PyTorch users (`mlflow.pytorch.load_model`): the graph
-  `mlflow.pytorch.save_model` exports (`serialization_format="pt2"`), preprocessed float inputs
-  [N, 1, R, R] in, logits out, as `nin-eval` scores it. Its files and flavor entry are MLflow's own,
-  written into a folder beside and moved in (MLflow's flavors are entries of one MLmodel file).
+- "model" (`save_model`), the served one, with the single flavor `python_function`: what MLflow's own
+  tools use (`mlflow models serve`, `mlflow models predict`, `mlflow.pyfunc.load_model`), and what
+  `tracking.register_model` registers. Raw uint8 images in, label, class name and probabilities
+  out, with the run's preprocessing and TTA inside. It is a model from code:
+  `nin_dist.tracking.served_model` (copied into the model, self-contained) runs the artifact
+  `classifier`, a `torch.export` graph of preprocessing + network + softmax (`nin_dist.classifier`).
+  Its signature is a uint8 TensorSpec (-1, 28, 28) in, label / class_name / probabilities out;
+  MLflow passes inputs to it as sent (`mlflow_internals.inputs_as_sent`), and it refuses bad ones
+  itself. Its config holds the class names and the values of the network's largest activation per
+  image, which size its chunks.
+- "network" (`save_network`), the plain network for PyTorch users (`mlflow.pytorch.load_model`), as
+  `mlflow.pytorch.save_model` saves it: the exported graph (`serialization_format="pt2"`), with the
+  signature of what it takes, preprocessed float32 inputs [-1, 1, R, R], and answers, logits [-1, 10],
+  as `nin-eval` scores it (`nin_dist.model_source` finds it beside the model it is given).
 
-The weights are in both graphs (a NiN of this project is a few MB). Both are saved in the default
-memory format and pin their requirements (`model_requirements`).
+The weights are in both (a NiN of this project is a few MB). Both are saved in the default memory
+format and pin their requirements (`model_requirements`).
 
-`log_saved_model` makes that folder the run's model, an MLflow LoggedModel, as
+`log_saved_model` makes such a folder one of the run's models, an MLflow LoggedModel, as
 `mlflow.pyfunc.log_model` would: a LoggedModel in the run's experiment with the run's params and
 MLflow's context tags; the folder's files as its artifacts, its MLmodel rewritten to name the
 LoggedModel and the run; the run's model output at `step`; the run's metrics of that step linked
@@ -52,37 +54,49 @@ def model_requirements() -> list[str]:
 
 
 def save_model(model, images, data, tta: bool, path: Path) -> None:
-    """Save `model` (which must run on the CPU as it is) as the MLflow model at `path`; `images` (raw
-    uint8 test images) are its examples, `data` (the run's `DataConfig`) and `tta` its preprocessing."""
+    """Save `model` (which must run on the CPU as it is) as the served MLflow model at `path`; `images`
+    (raw uint8 test images) are its examples, `data` (the run's `DataConfig`) and `tta` its preprocessing."""
     import mlflow.pyfunc
-    import mlflow.pytorch
-    from mlflow.models import Model, infer_signature
 
     from nin_dist.classifier import export_classifier
     from nin_dist.data import CLASSES, to_inputs
     from nin_dist.tracking.mlflow_internals import inputs_as_sent
 
-    # MLflow copies the artifacts into the model with a progress bar on stderr: carriage-return frames in a log file.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    _no_progress_bar()
     model = _in_default_layout(model)
     images = images[:2].cpu()
-    x = to_inputs(images, data)
-    y, activation_values = _run_measured(model, x)
+    _, activation_values = _run_measured(model, to_inputs(images, data))
     with tempfile.TemporaryDirectory(prefix="nin-model-") as tmp:
-        graph, network = Path(tmp) / "classifier.pt2", Path(tmp) / "network"
+        graph = Path(tmp) / "classifier.pt2"
         export_classifier(model, data, tta, images, graph)
         mlflow.pyfunc.save_model(str(path), python_model=str(SERVED_CODE), artifacts={"classifier": str(graph)},
                                  model_config={"classes": list(CLASSES), "activation_values": activation_values},
                                  signature=inputs_as_sent(served_signature()), input_example=images.numpy(),
                                  pip_requirements=model_requirements())
-        mlflow.pytorch.save_model(model, str(network), signature=infer_signature(x.numpy(), y.numpy()),
-                                  input_example=x.numpy(), pip_requirements=model_requirements(),
-                                  serialization_format="pt2")
-        saved = Model.load(str(path / MLMODEL))
-        conf = Model.load(str(network / MLMODEL)).flavors["pytorch"]
-        shutil.move(str(network / conf["model_data"]), str(path / conf["model_data"]))
-        saved.add_flavor("pytorch", **conf)
-        saved.save(str(path / MLMODEL))
+
+
+def save_network(model, images, data, path: Path) -> None:
+    """Save `model` (which must run on the CPU as it is) as the plain-network MLflow model at `path`:
+    its examples and signature are `images` (raw uint8 test images) preprocessed as `data` says."""
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    from nin_dist.data import to_inputs
+
+    _no_progress_bar()
+    model = _in_default_layout(model)
+    x = to_inputs(images[:2].cpu(), data)
+    with torch.no_grad():
+        y = model(x)
+    mlflow.pytorch.save_model(model, str(path), signature=infer_signature(x.numpy(), y.numpy()),
+                              input_example=x.numpy(), pip_requirements=model_requirements(),
+                              serialization_format="pt2")
+
+
+def _no_progress_bar() -> None:
+    # MLflow copies the artifacts into the model with a progress bar on stderr: carriage-return frames in a log file.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def served_scores(path: Path, split) -> dict[str, float]:
@@ -169,7 +183,22 @@ def read_saved_model(folder: Path):
 
 
 class UnfitModel(ValueError):
-    """A saved model that must not be logged: it would not run this project's served code."""
+    """A saved model that must not be logged: it would not run this project's served code, or its
+    network would not load as an exported graph."""
+
+
+NETWORK_GRAPH = "model.pt2"  # mlflow.pytorch's file for serialization_format="pt2", in its model_data folder
+
+
+def is_network(saved) -> bool:
+    """Whether the MLmodel read as `saved` claims to be a plain network (`save_network`), to be checked
+    as one (`check_network`); any other is checked as the served model (`check_served_code`)."""
+    return "pytorch" in (saved.flavors or {})
+
+
+def check_fit(files: Path, saved) -> None:
+    """Raise UnfitModel unless the model in `files` (its MLmodel read as `saved`) is one nin-train saves."""
+    (check_network if is_network(saved) else check_served_code)(files, saved)
 
 
 def check_served_code(files: Path, saved) -> None:
@@ -182,7 +211,7 @@ def check_served_code(files: Path, saved) -> None:
     """
     flavors = saved.flavors or {}
     pyfunc = flavors.get("python_function") or {}
-    if (set(flavors) != {"python_function", "pytorch"} or "python_model" in pyfunc
+    if (set(flavors) != {"python_function"} or "python_model" in pyfunc
             or pyfunc.get("loader_module") != "mlflow.pyfunc.loaders.code_model"
             or Path(str(pyfunc.get("model_code_path"))).name != SERVED_CODE.name):
         raise UnfitModel(f"its MLmodel does not serve {SERVED_CODE.name} as nin-train saves it")
@@ -194,15 +223,33 @@ def check_served_code(files: Path, saved) -> None:
                          f"saved it, or saved by another version of nin-dist: replay with that one)")
 
 
+def check_network(files: Path, saved) -> None:
+    """Raise UnfitModel unless the model in `files` (its MLmodel read as `saved`) is a plain network
+    as `save_network` saves it: MLflow's pytorch flavor with no code, whose data is the exported graph
+    alone. mlflow.pytorch loads any `model.pth` beside it with pickle, which runs code: never sent.
+    """
+    flavors = saved.flavors or {}
+    pyfunc, torch_flavor = flavors.get("python_function") or {}, flavors.get("pytorch") or {}
+    if set(flavors) != {"python_function", "pytorch"} or pyfunc.get("loader_module") != "mlflow.pytorch":
+        raise UnfitModel("its MLmodel is not a plain network as nin-train saves it")
+    if pyfunc.get("code") or torch_flavor.get("code"):
+        raise UnfitModel("its MLmodel adds code paths, which nin-train never saves")
+    data = files / str(torch_flavor.get("model_data"))
+    graph = data / NETWORK_GRAPH
+    if (data.is_symlink() or not data.is_dir() or data.resolve().parent != files.resolve()
+            or [p.name for p in data.iterdir()] != [NETWORK_GRAPH] or graph.is_symlink() or not graph.is_file()):
+        raise UnfitModel(f"its network is not the exported graph {NETWORK_GRAPH} alone (a pickle loads as code)")
+
+
 def log_saved_model(client, run_id: str, folder: Path, saved, name: str, step: int) -> None:
     """Log the model saved in `folder` (its MLmodel read as `saved`) as the run's model `name`.
-    UnfitModel, before anything is sent, when a copy of it fails `check_served_code`."""
+    UnfitModel, before anything is sent, when a copy of it fails `check_fit`."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
     with tempfile.TemporaryDirectory(prefix="nin-model-") as tmp:
         files = Path(tmp) / "model"
         shutil.copytree(folder, files)  # the spool's folder stays as it was, for a resend
-        check_served_code(files, saved)  # on the copy: what is checked is what is sent
+        check_fit(files, saved)  # on the copy: what is checked is what is sent
         run = client.get_run(run_id)
         logged = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
                                             params=dict(run.data.params), tags=context_tags({}))

@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 
 from nin_dist.errors import TrackingError
+from nin_dist.model_source import NETWORK_MODEL_NAME
 from nin_dist.tracking.mlflow_internals import system_metrics_monitor
 from nin_dist.tracking.redaction import quiet_run_links, redact, redact_error, redact_uri, run_link, secret_values
 from nin_dist.tracking.run import open_run
-from nin_dist.tracking.saved_model import save_model, served_scores
+from nin_dist.tracking.saved_model import save_model, save_network, served_scores
 from nin_dist.tracking.sender import Sender
 from nin_dist.tracking.spool import Spool
 from nin_dist.tracking.store import HttpBounds, check_reachable, resolve_uri
@@ -179,8 +180,9 @@ class MLflowTracker:
 
     def log_model(self, model, images, test_split=None) -> dict[str, float] | None:
         """The model as the MLflow model named "model" (`nin_dist.tracking.saved_model`: raw images in,
-        the run's preprocessing inside; the plain network as its pytorch flavor), with `images` (raw
-        uint8 test images) as examples, then a new version of `tracking.register_model` when set.
+        the run's preprocessing inside) and the plain network as the one named "network" (preprocessed
+        floats in, logits out), with `images` (raw uint8 test images) as examples, then a new version
+        of `tracking.register_model` (made from "model") when set.
         `model` must run on the CPU as it is (`NiN.portable_copy()`).
 
         With `test_split`, the saved model, loaded as MLflow serves it, scores that split, and its
@@ -191,8 +193,9 @@ class MLflowTracker:
         if not self._log_model_enabled or self._closed:
             return None
         try:
-            path = self._spool.stage("model")
+            path, network = self._spool.stage("model"), self._spool.stage("network")
             save_model(model, images, *self._preprocessing, path)
+            save_network(model, images, self._preprocessing[0], network)
             scores = served_scores(path, test_split) if test_split is not None else None
         except Exception:  # the run's result is in the checkpoint; a tracking copy must not fail it
             log.exception("tracking: the model could not be saved for MLflow (the checkpoint holds its weights)")
@@ -204,6 +207,8 @@ class MLflowTracker:
         record = {"kind": "model", "run_id": self.run_id, "file": self._spool.relative(path), "name": "model",
                   "step": self._last_step}
         self._put(lambda: record)
+        network_record = record | {"file": self._spool.relative(network), "name": NETWORK_MODEL_NAME}
+        self._put(lambda: network_record)
         if self._register_as:  # after the model record: the version is made from the READY LoggedModel
             register = {"kind": "register", "run_id": self.run_id, "name": self._register_as, "model": "model"}
             self._put(lambda: register)

@@ -49,11 +49,18 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
     return out
 
 
+def run_models(client: MlflowClient, run) -> dict[str, str]:
+    """The LoggedModels the run logged, by name: its served "model" and its plain "network"."""
+    models = {client.get_logged_model(o.model_id).name: o.model_id for o in run.outputs.model_outputs}
+    assert len(models) == len(run.outputs.model_outputs) == 2, models
+    return models
+
+
 def logged_model(uri: str, run_id: str):
-    """The run's model (an MLflow LoggedModel), loaded back with mlflow.pytorch."""
+    """The run's plain network (an MLflow LoggedModel beside its served model), loaded back with mlflow.pytorch."""
     mlflow.set_tracking_uri(uri)
-    (output,) = MlflowClient(uri).get_run(run_id).outputs.model_outputs
-    return mlflow.pytorch.load_model(f"models:/{output.model_id}")
+    client = MlflowClient(uri)
+    return mlflow.pytorch.load_model(f"models:/{run_models(client, client.get_run(run_id))['network']}")
 
 
 def wait_for(condition, what: str, timeout_s: float = 30.0) -> None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from helpers import CPU_CONFIG, data_dir, env, finish, start
 from mlflow import MlflowClient
+from mlflow_runs import run_models
 
 from nin_dist.config import load_config
 from nin_dist.data import CLASSES, load_split, to_inputs
@@ -49,8 +50,8 @@ def trained(tmp_path_factory):
     client = MlflowClient(uri)
     metrics = json.loads((root / "run" / "metrics.json").read_text())
     run = client.get_run(metrics["mlflow_run_id"])
-    (output,) = run.outputs.model_outputs
-    return {"root": root, "uri": uri, "client": client, "run": run, "model_id": output.model_id, "metrics": metrics}
+    return {"root": root, "uri": uri, "client": client, "run": run, "model_id": run_models(client, run)["model"],
+            "metrics": metrics}
 
 
 def read_report(path: Path, split_size: int) -> dict:

@@ -13,7 +13,7 @@ import pytest
 from helpers import CPU_CONFIG, run
 from mlflow import MlflowClient
 from mlflow.entities import Metric
-from mlflow_runs import INFO, config, step_metrics, wait_for
+from mlflow_runs import INFO, config, run_models, step_metrics, wait_for
 from mlflow_server import free_port
 
 from nin_dist.tracking import make_tracker
@@ -118,7 +118,7 @@ def test_no_password_on_screen_or_on_disk_from_nin_sweep_nin_train_and_nin_eval(
     client = MlflowClient(server.uri)
     experiment = client.get_experiment_by_name("passwords").experiment_id
     (trial,) = [r for r in client.search_runs([experiment]) if r.info.run_name == "trial-0"]
-    model = f"models:/{trial.outputs.model_outputs[0].model_id}"
+    model = f"models:/{run_models(client, trial)['model']}"
     rc, evaluated = run([sys.executable, "-m", "nin_dist.eval_cli", model, "--json", str(tmp_path / "eval.json"),
                          f"tracking.uri={uri}", "tracking.experiment=passwords"], timeout=180, cwd=tmp_path)
     assert rc == 0, evaluated[-4000:]

@@ -29,12 +29,13 @@ import torch
 from helpers import CPU_CONFIG, data_dir, env, finish, free_port, start, train_in_process
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow_runs import INFO, TINY, config, step_metrics, wait_for
+from mlflow_runs import INFO, TINY, config, run_models, step_metrics, wait_for
 
 from nin_dist import checkpoint
 from nin_dist.config import load_config
 from nin_dist.data import CLASSES, load_split, to_inputs
 from nin_dist.model import NiN, build_model
+from nin_dist.model_source import open_model
 from nin_dist.precision import native_bf16
 from nin_dist.sweep.parent import ParentRun
 from nin_dist.tracking import make_tracker
@@ -63,10 +64,10 @@ def registered(tmp_path_factory, sqlite_uri):
             "run": client.get_run(version.run_id), "images": load_split(data_dir(), "test", limit=TEST_IMAGES)}
 
 
-def test_a_run_registers_its_model_and_the_alias_loads_it(registered):
+def test_a_run_registers_its_model_and_the_alias_loads_it(registered, tmp_path):
     client, version, run, root = registered["client"], registered["version"], registered["run"], registered["root"]
     assert run.info.run_name == "reg"
-    assert version.source == f"models:/{run.outputs.model_outputs[0].model_id}"
+    assert version.source == f"models:/{run_models(client, run)['model']}"
     # The model page's signature: raw uint8 images in; label, class name and probabilities out.
     signature = mlflow.models.get_model_info(f"models:/{NAME}/{version.version}").signature
     assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, 28, 28)}}]
@@ -76,7 +77,9 @@ def test_a_run_registers_its_model_and_the_alias_loads_it(registered):
     parent = ParentRun(client, version.run_id)
     assert parent.alias_best(NAME, version.run_id) == f"models:/{NAME}@best"
     mlflow.set_tracking_uri(registered["uri"])
-    loaded = mlflow.pytorch.load_model(f"models:/{NAME}@best")
+    with pytest.raises(MlflowException, match="pytorch"):  # the served model is no network: its signature says so
+        mlflow.pytorch.load_model(f"models:/{NAME}@best")
+    loaded = open_model(f"models:/{NAME}@best", registered["uri"], tmp_path).loaded  # the network beside it
 
     cfg = load_config(CPU_CONFIG, SMOKE)
     net = build_model(cfg.model, torch.device("cpu"))
@@ -84,6 +87,30 @@ def test_a_run_registers_its_model_and_the_alias_loads_it(registered):
     batch = to_inputs(registered["images"].images[:8], cfg.data)
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch), net.eval()(batch), rtol=1e-5, atol=1e-5)
+
+
+def test_each_logged_model_takes_what_its_signature_says(registered):
+    """An MLflow model has one signature for all its flavors: the served model's (raw uint8 images) and
+    the plain network's (preprocessed floats) are two models, each loaded by its own flavors, each fed
+    an input built from its signature alone."""
+    models = run_models(registered["client"], registered["run"])
+    mlflow.set_tracking_uri(registered["uri"])
+    served, network = (mlflow.models.get_model_info(f"models:/{models[name]}") for name in ("model", "network"))
+    assert set(served.flavors) == {"python_function"} and set(network.flavors) == {"python_function", "pytorch"}
+
+    (images,) = served.signature.inputs.inputs
+    answer = mlflow.pyfunc.load_model(served.model_uri).predict(np.zeros((3, *images.shape[1:]), images.type))
+    assert list(answer.columns) == served.signature.outputs.input_names() and len(answer) == 3
+
+    (inputs,), (logits,) = network.signature.inputs.inputs, network.signature.outputs.inputs
+    assert (inputs.type, inputs.shape) == (np.dtype(np.float32), (-1, 1, 28, 28))
+    assert (logits.type, logits.shape) == (np.dtype(np.float32), (-1, 10))
+    x = np.random.default_rng(0).standard_normal((3, *inputs.shape[1:])).astype(inputs.type)
+    with torch.no_grad():
+        out = mlflow.pytorch.load_model(network.model_uri)(torch.from_numpy(x))
+    assert out.dtype == torch.float32 and tuple(out.shape) == (3, *logits.shape[1:])
+    by_pyfunc = mlflow.pyfunc.load_model(network.model_uri).predict(x)
+    np.testing.assert_allclose(by_pyfunc, out.numpy(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module", params=["fp32", "bf16", "fp64"])
@@ -110,14 +137,14 @@ def test_the_runs_test_acc_and_loss_are_what_its_logged_model_scores(precision_r
     test/acc and test/loss, the model's linked metrics and metrics.json are the served model's, scored
     here with mlflow.pyfunc.load_model over the run's test images."""
     run, run_dir = precision_run
-    (output,) = run.outputs.model_outputs
+    model_id = run_models(registered["client"], run)["model"]
     mlflow.set_tracking_uri(registered["uri"])
-    answer = mlflow.pyfunc.load_model(f"models:/{output.model_id}").predict(registered["images"].images.numpy())
+    answer = mlflow.pyfunc.load_model(f"models:/{model_id}").predict(registered["images"].images.numpy())
     labels = registered["images"].labels.numpy()
     accuracy = float(np.mean(answer["label"].to_numpy() == labels))
     loss = float(-np.log(np.array(answer["probabilities"].tolist())[np.arange(len(labels)), labels]).mean())
 
-    linked = {m.key: m.value for m in registered["client"].get_logged_model(output.model_id).metrics}
+    linked = {m.key: m.value for m in registered["client"].get_logged_model(model_id).metrics}
     written = json.loads((run_dir / "metrics.json").read_text())
     for shown in (run.data.metrics, linked, {"test/acc": written["test_acc"], "test/loss": written["test_loss"]}):
         assert shown["test/acc"] == pytest.approx(accuracy, abs=1e-12)

@@ -149,7 +149,7 @@ def test_server_lost_mid_run_then_synced(tmp_path, server, splits):
         closing, closing_ms = time.monotonic(), int(time.time() * 1000)
         tracker.close("FINISHED")
         assert time.monotonic() - closing < 30
-        assert Spool(run_dir).pending() == 5 + 3 + 1  # metric steps 8-12, 2 artifacts and the model, the end
+        assert Spool(run_dir).pending() == 5 + 4 + 1  # metric steps 8-12, 2 artifacts and the 2 models, the end
     finally:
         server.start()
     run = client.get_run(tracker.run_id)

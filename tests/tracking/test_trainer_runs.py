@@ -20,7 +20,7 @@ import pytest
 import torch
 from helpers import data_dir
 from mlflow import MlflowClient
-from mlflow_runs import PREDICTION_FILES
+from mlflow_runs import PREDICTION_FILES, run_models
 
 from nin_dist.bench import trace
 from nin_dist.config import flatten, load_config
@@ -115,8 +115,7 @@ def test_torchrun_two_processes_log_one_complete_run_to_a_real_server_and_its_ui
     assert run.data.metrics["test/acc"] == pytest.approx(metrics["test_acc"])
 
     mlflow.set_tracking_uri(uri)
-    (output,) = run.outputs.model_outputs
-    model = mlflow.pytorch.load_model(f"models:/{output.model_id}")
+    model = mlflow.pytorch.load_model(f"models:/{run_models(MlflowClient(uri), run)['network']}")
     x = to_inputs(test_split.images[:4], resolved.data)
     assert model(x).shape == (4, 10)
     assert not (tmp_path / "run" / "tracking-spool").exists()
@@ -239,8 +238,7 @@ def test_the_recipe_logs_val_every_epoch_test_at_the_end_and_the_ema_as_the_mode
                         "fashion-mnist-test[:256]": ["testing"]}
 
     mlflow.set_tracking_uri(uri)
-    (output,) = run.outputs.model_outputs
-    logged = mlflow.pytorch.load_model(f"models:/{output.model_id}").state_dict()
+    logged = mlflow.pytorch.load_model(f"models:/{run_models(client, run)['network']}").state_dict()
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.equal(logged[k], state["ema"][k]) for k in logged), "the logged model is the EMA"
     assert not torch.equal(logged["0.0.weight"], state["model"]["0.0.weight"])

@@ -34,7 +34,7 @@ from nin_dist.data import to_inputs
 from nin_dist.errors import RunDirError, TrackingError
 from nin_dist.model import NiN
 from nin_dist.tracking import sync as sync_spool
-from nin_dist.tracking.saved_model import save_model
+from nin_dist.tracking.saved_model import save_model, save_network
 from nin_dist.tracking.spool import Spool
 
 
@@ -332,18 +332,19 @@ def tamper(model_folder: Path, into: Path, marker: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """(a tiny network, an example input, the MLflow model nin-train saves for it), saved once."""
+    """(a tiny network, an example input, the served model and the plain network nin-train saves for it)."""
     torch.manual_seed(0)
     net = NiN(TINY).eval()
     images = torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8)
-    folder = tmp_path_factory.mktemp("saved") / "model"
-    save_model(net, images, DataConfig(resize=28), False, folder)
-    return net, to_inputs(images, DataConfig(resize=28)), folder
+    folder = tmp_path_factory.mktemp("saved")
+    save_model(net, images, DataConfig(resize=28), False, folder / "model")
+    save_network(net, images, DataConfig(resize=28), folder / "network")
+    return net, to_inputs(images, DataConfig(resize=28)), folder / "model", folder / "network"
 
 
-def test_a_model_is_replayed_from_its_files_never_unpickled(setup, saved, tmp_path, sqlite_uri):
-    net, example, folder = saved
-    genuine = setup.spool.stage("model")
+def test_a_network_is_replayed_from_its_files_never_unpickled(setup, saved, tmp_path, sqlite_uri, caplog):
+    net, example, _, folder = saved
+    genuine = setup.spool.stage("network")
     shutil.copytree(folder, genuine)
     # The threat is real: loading the tampered folder runs its code.
     tamper(genuine, tmp_path / "threat", tmp_path / "marker-when-loaded")
@@ -352,20 +353,24 @@ def test_a_model_is_replayed_from_its_files_never_unpickled(setup, saved, tmp_pa
     assert (tmp_path / "marker-when-loaded").exists()
 
     marker = tmp_path / "marker-on-replay"
-    tampered = tamper(genuine, setup.spool.stage("model"), marker)
+    tampered = tamper(genuine, setup.spool.stage("network"), marker)
     for file, step in ((tampered, 1), (genuine, 2)):
         setup.spool.append({"kind": "model", "run_id": setup.run_id, "file": setup.spool.relative(file),
-                            "name": "model", "step": step})
-    assert sync_spool(setup.run_dir) == 0
+                            "name": "network", "step": step})
+    with caplog.at_level(logging.WARNING, logger="nin_dist.tracking.spool"):
+        assert sync_spool(setup.run_dir) == 1, "the pickle kept, not sent"
     assert not marker.exists(), "the replay unpickled the model"
+    kept = [r.getMessage() for r in caplog.records if "kept, not sent" in r.getMessage()]
+    assert len(kept) == 1 and "a pickle loads as code" in kept[0], kept
     outputs = {o.step: o.model_id for o in setup.client.get_run(setup.run_id).outputs.model_outputs}
-    assert sorted(outputs) == [1, 2]
+    assert sorted(outputs) == [2]
     mlflow.set_tracking_uri(sqlite_uri)
     loaded = mlflow.pytorch.load_model(f"models:/{outputs[2]}")
     with torch.no_grad():
         torch.testing.assert_close(loaded(example), net(example))
     logged = setup.client.get_logged_model(outputs[2])
     assert logged.status == LoggedModelStatus.READY and logged.source_run_id == setup.run_id
+    assert logged.name == "network"
     assert not marker.exists() and setup.victim_untouched()
 
 
@@ -389,7 +394,7 @@ def served_code_changed(genuine: Path, into: Path, how: str, marker: Path) -> Pa
 
 def test_a_model_whose_served_code_is_not_the_projects_is_kept_not_sent(setup, saved, tmp_path, caplog, sqlite_uri):
     """Whoever loads a logged model runs its code: a replay sends only the code nin-train wrote."""
-    net, example, folder = saved
+    net, example, folder, _ = saved
     marker = tmp_path / "ran"
     steps = {}
     for step, how in enumerate(("replaced", "renamed", "code path", "genuine"), start=1):
