@@ -33,6 +33,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -218,7 +219,13 @@ class Network:
 def net():
     if os.geteuid() != 0:
         pytest.skip("needs root: the hosts are network namespaces made with ip netns")
-    network = Network()
+    with built(Network()) as network:
+        yield network
+
+
+@contextlib.contextmanager
+def built(network: Network) -> Iterator[Network]:
+    """`network` built for the block and torn down after it; the test skips where it cannot be built."""
     try:
         network.build()
     except (OSError, RuntimeError) as err:  # no ip, or no right to make namespaces here

@@ -82,30 +82,32 @@ def experiment_id(client, name: str) -> str:
 
 def _parent(client, run_id: str) -> str:
     """`tracking.parent_run_id`, once the store shows it is a live run."""
+    shown = redact_uri(client.tracking_uri)
+    _live_run(client, run_id, f"tracking.parent_run_id={run_id} is not a run in {shown}",
+              f"tracking.parent_run_id={run_id} is deleted in {shown}; restore it or choose another")
+    return run_id
+
+
+def _live_run(client, run_id: str, if_missing: str, if_deleted: str):
+    """The run `run_id`; TrackingError(`if_missing`) when the store does not hold it, TrackingError(`if_deleted`)
+    when it is deleted."""
     from mlflow.exceptions import MlflowException
 
-    shown = redact_uri(client.tracking_uri)
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise TrackingError(f"tracking.parent_run_id={run_id} is not a run in {shown}") from None
+        raise TrackingError(if_missing) from None
     if run.info.lifecycle_stage == "deleted":
-        raise TrackingError(f"tracking.parent_run_id={run_id} is deleted in {shown}; restore it or choose another")
-    return run_id
+        raise TrackingError(if_deleted)
+    return run
 
 
 def reopen(client, run_id: str, what: str, if_missing: str, if_deleted: str):
     """The run `run_id` (named `what` in errors), its status back to RUNNING; TrackingError, with the
     advice `if_missing` or `if_deleted`, when the store does not hold it or it is deleted."""
-    from mlflow.exceptions import MlflowException
-
     shown = redact_uri(client.tracking_uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise TrackingError(f"{what} is not in {shown}; {if_missing}") from None
-    if run.info.lifecycle_stage == "deleted":
-        raise TrackingError(f"{what} is deleted in {shown}; {if_deleted}")
+    run = _live_run(client, run_id, f"{what} is not in {shown}; {if_missing}",
+                    f"{what} is deleted in {shown}; {if_deleted}")
     client.update_run(run_id, status="RUNNING")
     return run
 

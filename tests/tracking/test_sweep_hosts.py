@@ -69,22 +69,14 @@ def hosts():
         pytest.skip("needs root: the hosts are network namespaces made with ip netns")
     if binaries() is None:
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
-    from test_hosts import Host, Network
+    from test_hosts import Host, Network, built
 
     network = Network()
     network.switch = network.switch.replace("-switch", "-sweepsw")
     network.a, network.b = Host("sa", network.a.addr), Host("sb", network.b.addr)
     network.hosts = (network.a, network.b)
-    try:
-        network.build()
-    except (OSError, RuntimeError) as err:
-        with contextlib.suppress(OSError, RuntimeError):
-            network.tear_down()
-        pytest.skip(f"cannot make network namespaces here: {err}")
-    try:
+    with built(network):
         yield network
-    finally:
-        network.tear_down()
 
 
 def _mlflow_server(host, root: Path, backend: str) -> tuple[subprocess.Popen, str]:
