@@ -136,12 +136,24 @@ def _reap(agent: subprocess.Popen) -> None:
 
 
 def say(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    # One write of the whole line: print's message and newline are two writes on an unbuffered stderr
+    # (PYTHONUNBUFFERED), and torchrun's own output, on the same pipe, could land between them.
+    sys.stderr.write(f"{PROG}: {message}\n")
+    sys.stderr.flush()
 
 
 def supervise(cmd: list[str], watch: RendezvousWatch) -> int:
     subreaper = _prctl(PR_SET_CHILD_SUBREAPER, 1)
     parent = os.getpid()
+    # Said before torchrun starts, so the line stands apart from torchrun's output.
+    if watch.cut_off_s <= 0:
+        say(f"the watch is off (CUT_OFF_S=0): if this node is cut off from {watch.endpoint}, torchrun may hang "
+            "for many minutes")
+    else:
+        say(f"the watch is armed: once the rendezvous {watch.endpoint} has answered, {watch.cut_off_s:g} s "
+            f"without reaching it end this node's torchrun and workers (probed every {PROBE_S:g} s)"
+            + ("" if subreaper else "; no child subreaper here (not Linux): workers whose torchrun died may "
+               "be missed"))
     # The handlers go in before torchrun starts: a signal that lands while it starts (it may already
     # be printing) is kept and passed on once it runs, instead of ending this process by default.
     received: list[int] = []
@@ -158,14 +170,6 @@ def supervise(cmd: list[str], watch: RendezvousWatch) -> int:
     agent = subprocess.Popen(cmd, preexec_fn=lambda: _in_agent_before_exec(parent))  # noqa: PLW1509 (one thread)
     for signum in received:
         agent.send_signal(signum)
-    if watch.cut_off_s <= 0:
-        say(f"the watch is off (CUT_OFF_S=0): if this node is cut off from {watch.endpoint}, torchrun may hang "
-            "for many minutes")
-    else:
-        say(f"the watch is armed: once the rendezvous {watch.endpoint} has answered, {watch.cut_off_s:g} s "
-            f"without reaching it end this node's torchrun and workers (probed every {PROBE_S:g} s)"
-            + ("" if subreaper else "; no child subreaper here (not Linux): workers whose torchrun died may "
-               "be missed"))
     next_reap = 0.0
     while agent.poll() is None:
         if time.monotonic() >= next_reap:
