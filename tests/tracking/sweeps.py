@@ -27,6 +27,7 @@ from helpers import CPU_CONFIG, children, env, finish, start
 SPACE = "sweep:\n  optim.lr: {type: float, low: 1.0e-5, high: 0.1, log: true}\n"
 TRIALS = 4
 GRACE_S = 4  # seconds without a heartbeat before A takes B's trial over (the heartbeat: every second)
+FINAL_STEP = 2 * ((1024 - 128) // 64)  # TINY's last step: 2 epochs of its training images at batch 64
 TINY = ["data.train_limit=1024", "data.val_size=128", "data.test_limit=100", "train.epochs=2", "train.batch_size=64",
         "model.width=0.25", "optim.schedule=constant", "optim.warmup_epochs=0", "train.progress=false",
         "train.threads=1", "tracking.system_metrics=false", "tracking.log_model=false"]
@@ -81,8 +82,8 @@ def _trial_of(pid: int, sweep: Path) -> tuple[int, int] | None:
         if f":{pid}:" in trial.system_attrs.get("nin.worker", "") and (sweep / f"trial-{trial.number}" /
                                                                        "epochs.jsonl").exists() and last.exists():
             step = int(torch.load(last, weights_only=True)["step"])
-            if step > 0:
-                return trial.number, step
+            if 0 < step < FINAL_STEP:  # mid-trial; a trial whose last step is done is left to end (it may be
+                return trial.number, step  # told from its metrics.json, not resumed): B takes another
     return None
 
 

@@ -275,7 +275,7 @@ def test_predict_in_python_answers_raw_images_and_refuses_bad_ones_in_one_line(r
 
 def test_registration_waits_out_an_outage_and_is_sent_once(tmp_path, server, splits):
     _, test = splits
-    tracker = make_tracker(config(server.uri, "reg-outage", timeout_s=2.0, register_model="nin-outage"), INFO,
+    tracker = make_tracker(config(server.uri, "reg-outage", timeout_s=5.0, register_model="nin-outage"), INFO,
                            tmp_path, None, {})
     tracker.log_metrics(step_metrics(1), 1)
     server.kill()
