@@ -22,7 +22,7 @@ import yaml
 
 from nin_dist.download import is_mirror_url
 from nin_dist.errors import ConfigError
-from nin_dist.shapes import parameter_count, smallest_input_size
+from nin_dist.shapes import LATER_KERNELS, SEED_WIDTHS, block_widths, parameter_count, smallest_input_size
 from nin_dist.typed_yaml import leaf_keys, load_tree, require
 
 # Upper bounds: above them a value overflows an int64 or a C int further down, or only exhausts the machine.
@@ -33,7 +33,12 @@ MAX_RESIZE = 2048
 # 16x the seed's channels is ~500M parameters (2 GB of fp32 weights, ~6 GB with gradients and
 # momentum); with a wide stem kernel the count is bounded on its own by MAX_PARAMETERS.
 MAX_WIDTH = 16.0
+MAX_CHANNELS = round(MAX_WIDTH * max(SEED_WIDTHS))  # a block of model.widths: the widest model.width builds
 MAX_PARAMETERS = 10**9
+# Blocks 2-4's k x k convs (model.kernels): odd, so padding k // 2 keeps the size. 31 is wider than
+# the seed's block-2 input at 224 pixels (26): a larger kernel there only adds weights that see the
+# zero padding. MAX_PARAMETERS bounds the count on its own.
+MAX_LATER_KERNEL = 31
 # A 64-bit seed: the data order and dropout mix it with the epoch / step and take the result modulo
 # 2**64 (nin_dist.data, nin_dist.layers), the range torch's generators accept.
 SEED_LIMIT = 2**63
@@ -105,6 +110,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     width: float = 1.0  # channel multiplier on the seed's 96/256/384 (1.0 = the seed)
+    # Channels of blocks 1-3, chosen one by one (e.g. [32, 96, 192]); null = model.width's rule.
+    widths: tuple[int, ...] | None = None
+    kernels: tuple[int, ...] = LATER_KERNELS  # blocks 2-4's k x k convs, odd, padding k // 2 (seed: 5, 3, 3)
     dropout: float = 0.5  # before the last block, as in the seed
     batchnorm: bool = False  # BatchNorm after each block's k x k conv (not in the seed)
     kernel: str = "auto"  # 1x1-conv pairs: triton | torch | auto (triton on CUDA)
@@ -121,9 +129,27 @@ class ModelConfig:
         """(kernel size, stride, padding) of the first block's conv."""
         return self.stem_kernel, self.stem_stride, self.stem_padding
 
+    @property
+    def block_widths(self) -> tuple[int, ...]:
+        """Channels of blocks 1-3: model.widths, or model.width times the seed's."""
+        return block_widths(self.width, self.widths)
+
     def __post_init__(self):
         require(0 < self.width <= MAX_WIDTH, "model.width", f"a positive multiplier up to {MAX_WIDTH:g}",
                  self.width)
+        if self.widths is not None:
+            require(len(self.widths) == 3, "model.widths", "null or three channel counts, of blocks 1-3 "
+                    "(e.g. 32,96,192)", list(self.widths))
+            require(all(_is_int(c) and 1 <= c <= MAX_CHANNELS for c in self.widths), "model.widths",
+                    f"channel counts from 1 to {MAX_CHANNELS}", list(self.widths))
+            if self.width != 1.0:
+                raise ConfigError(f"model.widths={list(self.widths)} and model.width={self.width:g} both set the "
+                                  f"channels: set one of them (model.width=1 with model.widths)")
+        require(len(self.kernels) == 3, "model.kernels", "three kernel sizes, of blocks 2-4 (the seed's: 5,3,3)",
+                list(self.kernels))
+        require(all(_is_int(k) and 1 <= k <= MAX_LATER_KERNEL and k % 2 == 1 for k in self.kernels),
+                "model.kernels", f"odd kernel sizes from 1 to {MAX_LATER_KERNEL} (padding k // 2 keeps the size)",
+                list(self.kernels))
         require(0.0 <= self.dropout < 1.0, "model.dropout", "a probability in [0, 1)", self.dropout)
         require(self.kernel in ("auto", "triton", "torch"), "model.kernel", "auto, triton or torch", self.kernel)
         require(1 <= self.stem_kernel <= MAX_RESIZE, "model.stem_kernel", f"a kernel size from 1 to {MAX_RESIZE}",
@@ -133,9 +159,15 @@ class ModelConfig:
         # Padding as wide as the kernel gives border outputs that see nothing but zeros.
         require(0 <= self.stem_padding < self.stem_kernel, "model.stem_padding",
                  f"0 to model.stem_kernel - 1 = {self.stem_kernel - 1} pixels", self.stem_padding)
-        count = parameter_count(self.width, self.stem_kernel, self.batchnorm)
-        require(count <= MAX_PARAMETERS, "model.width", f"a network of at most {MAX_PARAMETERS:.0e} parameters "
-                 f"(this one, with model.stem_kernel={self.stem_kernel}, has {count:.2e})", self.width)
+        count = parameter_count(self.block_widths, self.kernels, self.stem_kernel, self.batchnorm)
+        key, value = ("model.width", self.width) if self.widths is None else ("model.widths", list(self.widths))
+        require(count <= MAX_PARAMETERS, key, f"a network of at most {MAX_PARAMETERS:.0e} parameters "
+                f"(this one, with model.stem_kernel={self.stem_kernel} and model.kernels={list(self.kernels)}, "
+                f"has {count:.2e})", value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -336,15 +368,28 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-# Keys that change how a run computes but not what it computes; a resume may change them freely.
+# Keys that change how a run computes but not what it computes; a resume may change them freely. One
+# ending in "." or "_" stands for every key it begins; any other for itself alone (model.kernel, the
+# kernel switch, is not model.kernels, the network's convs).
 _RESUMABLE_KEYS = ("train.max_steps", "train.progress", "train.log_every", "train.dist_timeout_s",
                    "train.checkpoint_every", "train.threads", "train.tta", "train.eval_test_every_epoch",
                    "train.profile_", "tracking.", "run.", "data.root",
                    "data.download", "data.mirror", "model.kernel", "train.compile", "train.bucket_cap_mb")
 
 
+# Keys that came after runs had saved checkpoints, with the value that builds what those runs built: at
+# that value a key is left out, so the hash of those runs' configs stays theirs (their checkpoints
+# resume, a sweep's fixed config is still its study's).
+_LATER_KEYS_AS_BEFORE = {"model.widths": None, "model.kernels": LATER_KERNELS}
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or (k.endswith((".", "_")) and key.startswith(k)) for k in _RESUMABLE_KEYS)
+
+
 def model_relevant(cfg: Config) -> dict[str, Any]:
-    return {k: v for k, v in flatten(cfg).items() if not k.startswith(_RESUMABLE_KEYS)}
+    return {k: v for k, v in flatten(cfg).items() if not _resumable(k)
+            and not (k in _LATER_KEYS_AS_BEFORE and v == _LATER_KEYS_AS_BEFORE[k])}
 
 
 def config_hash(cfg: Config) -> str:

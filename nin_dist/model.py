@@ -28,7 +28,7 @@ from nin_dist.config import ModelConfig
 from nin_dist.errors import ConfigError
 from nin_dist.layers import CrossRankBatchNorm2d, GlobalBatchDropout
 from nin_dist.profiling import region
-from nin_dist.shapes import NUM_CLASSES, POOL_KERNEL, POOL_STRIDE, block_widths, flops_per_image
+from nin_dist.shapes import NUM_CLASSES, POOL_KERNEL, POOL_STRIDE, flops_per_image
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +54,23 @@ def nin_block(in_channels: int, out_channels: int, kernel_size: int, stride: int
 
 
 class NiN(nn.Sequential):
-    """The seed's network; `cfg` changes width, dropout, BatchNorm, stem and the kernel switch."""
+    """The seed's network; `cfg` changes widths, later kernels, dropout, BatchNorm, stem and the kernel
+    switch. Blocks 2-4's odd k x k convs pad k // 2, so they keep the size (the seed's 5, 3, 3 do)."""
 
     def __init__(self, cfg: ModelConfig | None = None, in_channels: int = 1):
         cfg = cfg or ModelConfig()
-        c1, c2, c3 = block_widths(cfg.width)
+        c1, c2, c3 = cfg.block_widths
+        k2, k3, k4 = cfg.kernels
         bn = cfg.batchnorm
         super().__init__(
             nin_block(in_channels, c1, cfg.stem_kernel, cfg.stem_stride, cfg.stem_padding, bn),
             nn.MaxPool2d(POOL_KERNEL, stride=POOL_STRIDE),
-            nin_block(c1, c2, kernel_size=5, stride=1, padding=2, batchnorm=bn),
+            nin_block(c1, c2, kernel_size=k2, stride=1, padding=k2 // 2, batchnorm=bn),
             nn.MaxPool2d(POOL_KERNEL, stride=POOL_STRIDE),
-            nin_block(c2, c3, kernel_size=3, stride=1, padding=1, batchnorm=bn),
+            nin_block(c2, c3, kernel_size=k3, stride=1, padding=k3 // 2, batchnorm=bn),
             nn.MaxPool2d(POOL_KERNEL, stride=POOL_STRIDE),
             GlobalBatchDropout(cfg.dropout),
-            nin_block(c3, NUM_CLASSES, kernel_size=3, stride=1, padding=1, batchnorm=bn,
+            nin_block(c3, NUM_CLASSES, kernel_size=k4, stride=1, padding=k4 // 2, batchnorm=bn,
                       final_relu=cfg.logit_relu),
             nn.AdaptiveAvgPool2d((1, 1)),
             nn.Flatten(),
@@ -233,12 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", action="store_true", help="print layer output shapes (the seed's table)")
     parser.add_argument("--size", type=int, default=224, help="input side, pixels")
     args = parser.parse_args(argv)
-    model = NiN().eval()
+    cfg = ModelConfig()
+    model = NiN(cfg).eval()
     if args.trace:
         print("\n".join(trace(model, args.size)))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}  forward GFLOP/image at {args.size}: "
-          f"{flops_per_image(1.0, ModelConfig().stem, args.size) / 1e9:.3f}", file=sys.stderr)
+          f"{flops_per_image(cfg.block_widths, cfg.kernels, cfg.stem, args.size) / 1e9:.3f}", file=sys.stderr)
     return 0
 
 

@@ -23,7 +23,8 @@ _CPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 def train_flops_per_image(cfg: Config) -> float:
     """Forward + backward (about 3x forward: the input grad and the weight grad each cost one)."""
-    return 3.0 * flops_per_image(cfg.model.width, cfg.model.stem, cfg.data.resize)
+    model = cfg.model
+    return 3.0 * flops_per_image(model.block_widths, model.kernels, model.stem, cfg.data.resize)
 
 
 @functools.cache

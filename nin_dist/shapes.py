@@ -13,13 +13,16 @@ from nin_dist.errors import ConfigError
 NUM_CLASSES = 10
 SEED_WIDTHS = (96, 256, 384)  # the seed's block widths; the last block has NUM_CLASSES channels
 POOL_KERNEL, POOL_STRIDE = 3, 2
-LATER_KERNELS = (5, 3, 3)  # blocks 2-4: k x k convs that keep the size (padding k // 2)
+LATER_KERNELS = (5, 3, 3)  # the seed's blocks 2-4: k x k convs that keep the size (padding k // 2)
 
 Stem = tuple[int, int, int]  # the first block's conv: (kernel size, stride, padding), pixels
 
 
-def block_widths(width: float) -> tuple[int, int, int]:
-    """Channels of blocks 1-3 for a width multiplier on the seed's (at least one each)."""
+def block_widths(width: float, widths: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Channels of blocks 1-3: `widths` where given (model.widths), else the multiplier `width` on the
+    seed's (at least one each)."""
+    if widths is not None:
+        return tuple(widths)
     return tuple(max(1, round(c * width)) for c in SEED_WIDTHS)
 
 
@@ -31,7 +34,7 @@ def feature_sizes(stem: Stem, size: int) -> list[int] | None:
     for _ in range(3):
         if side < 1:
             return None
-        sizes.append(side)  # block output (blocks 2-4 keep the size: 5x5 pad 2, 3x3 pad 1)
+        sizes.append(side)  # block output (blocks 2-4 keep the size: odd k x k, padding k // 2)
         side = (side - POOL_KERNEL) // POOL_STRIDE + 1
         if side < 1:
             return None
@@ -48,25 +51,26 @@ def smallest_input_size(stem: Stem, limit: int = 4096) -> int:
     raise ConfigError(f"model.stem_*: no input up to {limit} pixels fits this stem")
 
 
-def parameter_count(width: float, stem_kernel: int, batchnorm: bool = False) -> int:
-    """Weights and biases of the network (BatchNorm's scale and shift included, not its running stats)."""
-    widths = (*block_widths(width), NUM_CLASSES)
+def parameter_count(widths: tuple[int, ...], kernels: tuple[int, ...], stem_kernel: int,
+                    batchnorm: bool = False) -> int:
+    """Weights and biases of the network with blocks 1-3 of `widths` channels and blocks 2-4's k x k
+    convs of `kernels` (BatchNorm's scale and shift included, not its running stats)."""
+    widths = (*widths, NUM_CLASSES)
     in_channels = (1, *widths[:3])
-    kernels = (stem_kernel, *LATER_KERNELS)
     total = 0
-    for cin, cout, k in zip(in_channels, widths, kernels, strict=True):
+    for cin, cout, k in zip(in_channels, widths, (stem_kernel, *kernels), strict=True):
         total += cout * (cin * k * k + 1) + 2 * cout * (cout + 1)  # k x k conv + two 1x1 convs
         total += 2 * cout if batchnorm else 0
     return total
 
 
-def flops_per_image(width: float, stem: Stem, size: int) -> float:
-    """Forward FLOPs (2 per multiply-add) of every conv for one size x size image."""
-    widths = (*block_widths(width), NUM_CLASSES)
+def flops_per_image(widths: tuple[int, ...], kernels: tuple[int, ...], stem: Stem, size: int) -> float:
+    """Forward FLOPs (2 per multiply-add) of every conv for one size x size image (widths and
+    kernels as `parameter_count` takes them)."""
+    widths = (*widths, NUM_CLASSES)
     in_channels = (1, *widths[:3])
-    kernels = (stem[0], *LATER_KERNELS)
     block_sides = feature_sizes(stem, size)[0::2]  # outputs of blocks 1-4
     total = 0.0
-    for cin, cout, k, side in zip(in_channels, widths, kernels, block_sides, strict=True):
+    for cin, cout, k, side in zip(in_channels, widths, (stem[0], *kernels), block_sides, strict=True):
         total += 2 * side * side * cout * (cin * k * k + 2 * cout)  # k x k conv + two 1x1 convs
     return total

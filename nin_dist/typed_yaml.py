@@ -2,10 +2,10 @@
 
 This is the reading half of `nin_dist.config`: it knows nothing of what the keys mean, only how a
 YAML document or a command-line string becomes a field of the declared type (`int`, `float`, `bool`,
-`str`, optionally `None`, `bool | str` for a switch with named modes, or a nested dataclass), never
-with `eval`. An unknown key names the closest
-valid one, a wrong type names the expected type; both raise `ConfigError` (exit code 2). What values
-are allowed is each dataclass's own `__post_init__` check.
+`str`, `tuple[int, ...]` (a YAML list, or comma-separated text on the command line), optionally
+`None`, `bool | str` for a switch with named modes, or a nested dataclass), never with `eval`. An
+unknown key names the closest valid one, a wrong type names the expected type; both raise
+`ConfigError` (exit code 2). What values are allowed is each dataclass's own `__post_init__` check.
 """
 
 from __future__ import annotations
@@ -51,8 +51,30 @@ def _type_name(tp) -> str:
         return "bool or str"
     if type(None) in args:
         inner = [a for a in args if a is not type(None)][0]
-        return f"{inner.__name__} or null"
+        return f"{_type_name(inner)} or null"
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {args[0].__name__} (YAML [1, 2, 3], or 1,2,3 on the command line)"
     return tp.__name__
+
+
+def _convert_tuple(key: str, value: Any, tp) -> tuple:
+    """A YAML list, or command-line text `1,2,3` (or `[1,2,3]`), as a tuple of the field's element type.
+    Any element that is not one gives one ConfigError line for the whole value; the count is the
+    field's own `__post_init__` check (what the key means decides it)."""
+    element = typing.get_args(tp)[0]
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        items = [item.strip() for item in text.split(",")] if text.strip() else []
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ConfigError(f"{key}={show(value)} has the wrong type: expected {_type_name(tp)}")
+    try:
+        return tuple(_convert(key, item, element) for item in items)
+    except ConfigError:  # the element's own message would name one item as if it were the whole value
+        raise ConfigError(f"{key}={show(value)} has the wrong type: expected {_type_name(tp)}") from None
 
 
 def _convert(key: str, value: Any, tp) -> Any:
@@ -66,6 +88,8 @@ def _convert(key: str, value: Any, tp) -> Any:
         if optional:
             return None
         raise ConfigError(f"{key} cannot be null: expected {_type_name(tp)}")
+    if typing.get_origin(base) is tuple:
+        return _convert_tuple(key, value, base)
     if set(args) == {bool, str}:  # a switch with named modes: a boolean word stays a boolean, anything else text
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             return value.strip().lower() in _TRUE

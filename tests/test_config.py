@@ -18,8 +18,10 @@ from nin_dist.config import (
     all_keys,
     config_hash,
     default_dist_timeout_s,
+    dump_yaml,
     flatten,
     load_config,
+    model_relevant,
 )
 from nin_dist.errors import ConfigError
 from nin_dist.shapes import parameter_count
@@ -90,6 +92,35 @@ def test_flatten_covers_every_key_and_hash_ignores_bookkeeping():
     assert config_hash(cfg) != config_hash(load_config(None, ["optim.lr=0.2"]))
 
 
+def test_widths_and_kernels_from_the_command_line_or_yaml_build_that_network(tmp_path):
+    from nin_dist.model import NiN
+
+    cli = load_config(None, ["model.widths=32,96,192", "model.kernels=[3, 7,1]"])
+    assert (cli.model.widths, cli.model.kernels, cli.model.block_widths) == ((32, 96, 192), (3, 7, 1), (32, 96, 192))
+    blocks = [NiN(cli.model)[i][0] for i in (0, 2, 4, 7)]
+    assert [(b.out_channels, b.kernel_size[0]) for b in blocks] == [(32, 11), (96, 3), (192, 7), (10, 1)]
+    (tmp_path / "c.yaml").write_text("model:\n  widths: [32, 96, 192]\n  kernels: [3, 7, 1]\n")
+    assert load_config(tmp_path / "c.yaml") == cli
+    (tmp_path / "run.yaml").write_text(dump_yaml(cli))  # a run's config.yaml reads back to the same network
+    assert load_config(tmp_path / "run.yaml") == cli
+    assert load_config(None, ["model.widths=null"]).model.widths is None
+    assert load_config(None, ["model.width=0.5"]).model.block_widths == (48, 128, 192)  # model.width's rule
+    for bad in ("widths: 32", "widths: [32, true, 192]", "widths: [32, [96], 192]", "kernels: {a: 1}"):
+        (tmp_path / "bad.yaml").write_text(f"model:\n  {bad}\n")
+        with pytest.raises(ConfigError, match=r"^model\.(widths|kernels)=.* has the wrong type: expected a list of"):
+            load_config(tmp_path / "bad.yaml")
+
+
+def test_the_new_model_keys_at_the_seeds_values_keep_existing_hashes():
+    """A config that leaves model.widths and model.kernels at the network earlier runs built hashes as
+    those runs' configs did (their checkpoints resume); any other value is a different network."""
+    seed = load_config(None, [])
+    assert not {"model.widths", "model.kernels"} & set(model_relevant(seed))
+    assert config_hash(load_config(None, ["model.kernels=5,3,3"])) == config_hash(seed)
+    assert config_hash(load_config(None, ["model.widths=96,256,384"])) != config_hash(seed)
+    assert config_hash(load_config(None, ["model.kernels=5,3,1"])) != config_hash(seed)
+
+
 def _error_lines(stderr: str) -> list[str]:
     """The `nin-train: error:` lines (torch's own warnings may share stderr); no traceback allowed."""
     assert "Traceback" not in stderr, stderr
@@ -100,10 +131,25 @@ def _error_lines(stderr: str) -> list[str]:
     ("train.epoch=3", "unknown config key train.epoch; did you mean train.epochs?"),
     ("train.epochs=three", "train.epochs='three' has the wrong type: expected int"),
     ("data.resize=64", "data.resize=64 is too small for the network"),
+    ("model.widths=32,96", "model.widths=[32, 96] is not allowed: null or three channel counts, of blocks 1-3"),
+    ("model.widths=32,96,192,384", "model.widths=[32, 96, 192, 384] is not allowed: null or three channel counts"),
+    ("model.widths=32,x,192", "model.widths='32,x,192' has the wrong type: expected a list of int"),
+    ("model.widths=32,96.5,192", "model.widths='32,96.5,192' has the wrong type: expected a list of int"),
+    ("model.widths=0,96,192", "model.widths=[0, 96, 192] is not allowed: channel counts from 1 to 6144"),
+    ("model.widths=32,96,6145", "model.widths=[32, 96, 6145] is not allowed: channel counts from 1 to 6144"),
+    ("model.width=0.5 model.widths=32,96,192",
+     "model.widths=[32, 96, 192] and model.width=0.5 both set the channels: set one of them"),
+    ("model.kernels=5,3", "model.kernels=[5, 3] is not allowed: three kernel sizes, of blocks 2-4"),
+    ("model.kernels=5,4,3", "model.kernels=[5, 4, 3] is not allowed: odd kernel sizes from 1 to 31"),
+    ("model.kernels=5,3,33", "model.kernels=[5, 3, 33] is not allowed: odd kernel sizes from 1 to 31"),
+    ("model.kernels=-1,3,3", "model.kernels=[-1, 3, 3] is not allowed: odd kernel sizes from 1 to 31"),
+    ("model.kernels=null", "model.kernels cannot be null: expected a list of int"),
+    ("model.kernels=,", "model.kernels=',' has the wrong type: expected a list of int"),
 ])
 def test_cli_config_errors_exit_2_with_one_line_before_reading_data(override, message, capsys, tmp_path):
     # data.root points nowhere: a data error would show if the config were not checked first.
-    code = main(["--config", str(REPO / "configs/d2l.yaml"), override, f"data.root={tmp_path / 'nowhere'}",
+    # `override` may hold several, space-separated.
+    code = main(["--config", str(REPO / "configs/d2l.yaml"), *override.split(" "), f"data.root={tmp_path / 'nowhere'}",
                  "data.download=false", "tracking.enabled=false", f"run.out_dir={tmp_path / 'run'}"])
     err = _error_lines(capsys.readouterr().err)
     assert code == 2
@@ -240,6 +286,8 @@ def test_every_value_is_range_checked(override, allowed):
     (["model.width=16", "model.stem_kernel=1024", "model.stem_padding=0", "data.resize=2048"],
      "model.width=16.0 is not allowed: a network of at most 1e+09 parameters"),
     (["model.stem_kernel=2048", "model.stem_stride=2048"], "no input up to 2048 pixels fits this stem"),
+    (["model.widths=6144,6144,6144", "model.kernels=31,31,31"],
+     "model.widths=[6144, 6144, 6144] is not allowed: a network of at most 1e+09 parameters"),
     (["tracking.log_model=false", "tracking.register_model=m"], "null when tracking.log_model=false"),
 ])
 def test_cross_field_bounds(overrides, message):
@@ -269,9 +317,10 @@ def test_split_sizes_and_parameter_count_match_the_real_ones():
     from nin_dist.model import NiN
 
     assert (FILES[("train", "labels")].count, FILES[("test", "labels")].count) == (TRAIN_IMAGES, TEST_IMAGES)
-    for model in (ModelConfig(), ModelConfig(width=0.3, batchnorm=True, stem_kernel=5, stem_stride=1, stem_padding=2)):
+    for model in (ModelConfig(), ModelConfig(width=0.3, batchnorm=True, stem_kernel=5, stem_stride=1, stem_padding=2),
+                  ModelConfig(widths=(20, 52, 100), kernels=(7, 1, 5), batchnorm=True, stem_kernel=3)):
         expected = sum(p.numel() for p in NiN(model).parameters())
-        assert parameter_count(model.width, model.stem_kernel, model.batchnorm) == expected
+        assert parameter_count(model.block_widths, model.kernels, model.stem_kernel, model.batchnorm) == expected
 
 
 @pytest.mark.parametrize("yaml_text, override", [

@@ -93,9 +93,16 @@ def test_smallest_input_size_is_tight(cfg, smallest):
         NiN(cfg).eval()(torch.rand(1, 1, smallest - 1, smallest - 1))
 
 
-def test_flops_match_a_count_from_the_layers():
-    # Independent count: hooks on every Conv2d of the real module at 224.
-    model, total = NiN(), []
+# A network of chosen widths and later kernels (model.widths, model.kernels), with BatchNorm and the
+# 28-pixel stem: every count below must follow them, not the seed's 96/256/384 and 5/3/3.
+CHOSEN = ModelConfig(widths=(24, 40, 72), kernels=(3, 7, 1), batchnorm=True, stem_kernel=5, stem_stride=1,
+                     stem_padding=2)
+
+
+@pytest.mark.parametrize("cfg, size", [(ModelConfig(), 224), (CHOSEN, 28)], ids=["seed", "chosen"])
+def test_flops_match_a_count_from_the_layers(cfg, size):
+    # Independent count: hooks on every Conv2d of the real module.
+    model, total = NiN(cfg), []
 
     def hook(m, inp, out):
         total.append(2 * out.numel() * m.in_channels * m.kernel_size[0] * m.kernel_size[1])
@@ -103,9 +110,26 @@ def test_flops_match_a_count_from_the_layers():
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             m.register_forward_hook(hook)
-    model.eval()(torch.rand(1, 1, 224, 224))
-    assert flops_per_image(1.0, ModelConfig().stem, 224) == pytest.approx(sum(total))
-    assert sum(total) == pytest.approx(1.52e9, rel=0.01)  # DESIGN.md's count
+    model.eval()(torch.rand(1, 1, size, size))
+    assert flops_per_image(cfg.block_widths, cfg.kernels, cfg.stem, size) == pytest.approx(sum(total))
+    if cfg == ModelConfig():
+        assert sum(total) == pytest.approx(1.52e9, rel=0.01)  # DESIGN.md's count
+
+
+def test_chosen_widths_and_kernels_build_those_layers_and_keep_the_sizes():
+    model = NiN(CHOSEN).eval()
+    assert list(model.state_dict()) == list(NiN(ModelConfig(batchnorm=True)).state_dict())  # the seed's layout
+    blocks = [model[i] for i in (0, 2, 4, 7)]
+    assert [b[0].out_channels for b in blocks] == [24, 40, 72, 10]
+    assert [b[0].kernel_size for b in blocks] == [(5, 5), (3, 3), (7, 7), (1, 1)]
+    assert [b[3].in_channels for b in blocks] == [24, 40, 72, 10]  # the 1x1 pairs follow the widths
+    x, sides = torch.rand(2, 1, 28, 28), []
+    with torch.no_grad():
+        for layer in model:
+            x = layer(x)
+            sides.append(x.shape[-1])
+    assert sides[:7] == feature_sizes(CHOSEN.stem, 28)  # blocks 2-4 keep the size whatever their odd kernel
+    assert x.shape == (2, 10)
 
 
 def test_kernel_switch_keeps_parameters_and_keys():

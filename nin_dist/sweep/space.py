@@ -8,6 +8,7 @@ section), in Optuna's terms:
       optim.weight_decay: {type: float, low: 0.0, high: 0.001}   # uniform (step: S for a grid)
       train.batch_size: {type: int, low: 64, high: 256, step: 64}
       model.batchnorm: {type: categorical, choices: [true, false]}  # or just [true, false]
+      model.widths: ['32,96,192', '48,128,256']  # a list key: its values as text (choices are scalars)
 
 Without the section the space is `default_space(cfg)`: the learning rate log-uniform from a tenth
 to three times the config's `optim.lr`, weight decay uniform in [0, 1e-3], label smoothing uniform

@@ -22,7 +22,7 @@ from torch import nn
 import kernels
 from kernels import aot, fused_pointwise_mlp, ops, pointwise_mlp, reference_pointwise_mlp
 from nin_dist.config import load_config
-from nin_dist.shapes import NUM_CLASSES, block_widths, feature_sizes
+from nin_dist.shapes import NUM_CLASSES, feature_sizes
 
 REPO = Path(__file__).resolve().parents[2]
 CUDA = torch.cuda.is_available()
@@ -404,7 +404,7 @@ def test_aot_compiles_the_launches_with_the_jits_specializations():
     for name in ("d2l", "fast"):
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
         sides = feature_sizes(cfg.model.stem, cfg.data.resize)[0::2]
-        blocks |= set(zip((*block_widths(cfg.model.width), NUM_CLASSES), sides, strict=True))
+        blocks |= set(zip((*cfg.model.block_widths, NUM_CLASSES), sides, strict=True))
     assert blocks == set(aot.NIN_BLOCKS)
 
 

@@ -1,8 +1,9 @@
 """`nin-eval` against a real tracked `nin-train` run: every way of naming its model gives the run's test/acc.
 
-One tiny run (real Fashion-MNIST, train.tta on, a sqlite MLflow store under tmp_path) trains and
-logs its model; `nin-eval` processes then score it by LoggedModel id, by registered alias, by run
-URI and from the checkpoint, each compared with the run's test/acc as MLflow and metrics.json hold
+One tiny run (real Fashion-MNIST, train.tta on, a sqlite MLflow store under tmp_path, a network of
+chosen widths and later kernels, not the seed's) trains and logs its model; `nin-eval` processes then
+score it by LoggedModel id, by registered alias, by run URI and from the checkpoint (rebuilt from the
+run's config.yaml), each compared with the run's test/acc as MLflow and metrics.json hold
 it. TTA is checked against the class probabilities computed here by hand from the checkpoint's
 weights, with and without the mirror image."""
 
@@ -28,8 +29,9 @@ from nin_dist.model import NiN
 pytestmark = pytest.mark.slow
 
 RUN = ["data.train_limit=512", "data.test_limit=200", "train.max_steps=16", "train.batch_size=32", "train.epochs=1",
-       "model.width=0.25", "optim.schedule=constant", "optim.lr=0.05", "train.precision=fp32", "train.threads=1",
-       "train.tta=true", "train.progress=false", "tracking.system_metrics=false", "run.name=evaluated"]
+       "model.width=1", "model.widths=16,40,64", "model.kernels=3,5,1", "optim.schedule=constant", "optim.lr=0.05",
+       "train.precision=fp32", "train.threads=1", "train.tta=true", "train.progress=false",
+       "tracking.system_metrics=false", "run.name=evaluated"]
 
 
 def nin_eval(cwd: Path, uri: str, *args: str):
@@ -100,6 +102,8 @@ def test_every_way_of_naming_the_model_gives_the_runs_test_acc(trained, tmp_path
     # TTA (the run's train.tta=true): the mean of the image's and its mirror's probabilities, computed
     # here from the weights; train.tta=false on top scores the image alone.
     config_yaml = trained["root"] / "run" / "config.yaml"
+    chosen = load_config(config_yaml, defaults_for=("tracking", "run")).model  # the checkpoint's NiN is rebuilt from it
+    assert (chosen.block_widths, chosen.kernels) == ((16, 40, 64), (3, 5, 1))
     expected = scored_by_hand(checkpoint, config_yaml, tta=True)
     assert checkpoint_report["tta"] is True
     assert abs(checkpoint_report["acc"] - expected["acc"]) <= 1e-6

@@ -14,7 +14,8 @@ from sweeps import TRIALS, config_file
 
 from nin_dist.config import load_config
 from nin_dist.errors import ConfigError
-from nin_dist.sweep.cli import main
+from nin_dist.sweep.cli import main, parse_args, prepare
+from nin_dist.sweep.trial import command
 
 
 @pytest.mark.parametrize(("section", "message"), [
@@ -27,6 +28,10 @@ from nin_dist.sweep.cli import main
     ("sweep:\n  optim.lr: {type: float, low: 0.0, high: 1}\n", "sweep.optim.lr reaches 0.0, which the config refuses"),
     ("sweep:\n  model.batchnorm: [true, true]\n", "each choice once"),
     ("sweep: 3\n", "sweep must be a mapping of config keys to distributions"),
+    ("sweep:\n  model.kernels: ['5,3,3', '5,4,3']\n",
+     "sweep.model.kernels reaches '5,4,3', which the config refuses: model.kernels=[5, 4, 3] is not allowed: odd"),
+    ("sweep:\n  model.widths: ['32,96,192', '32,96']\n",  # cpu.yaml's model.width=0.5 is refused with any
+     "sweep.model.widths reaches '32,96,192', which the config refuses: model.widths=[32, 96, 192] and model.width"),
 ])
 def test_a_bad_search_space_is_one_line_and_exit_2(tmp_path, capsys, section, message):
     folder = tmp_path / "sweep"
@@ -57,6 +62,23 @@ def test_nin_train_skips_the_sweep_section_and_refuses_sweep_keys(tmp_path):
     assert cfg.optim.lr == 0.05  # cpu.yaml's: the section is the sweep's, not the run's
     with pytest.raises(ConfigError, match="unknown config key sweep.optim.lr"):
         load_config(config_file(tmp_path), ["sweep.optim.lr=0.1"])
+
+
+def test_widths_and_kernels_are_swept_as_text_and_a_trial_builds_its_choice(tmp_path):
+    """Optuna's choices are scalars: a network's widths and kernels are swept as text ("32,96,192"),
+    which nin-train reads as the list it is. Every choice is checked before any work, and a trial's
+    command line gives the config of its choice."""
+    section = ("sweep:\n  model.widths: ['32,96,192', '16,48,96']\n"
+               "  model.kernels: {type: categorical, choices: ['5,3,3', '3,3,1']}\n")
+    args = parse_args(["--config", str(config_file(tmp_path, section)), "--trials", "2", "model.width=1"])
+    _, _, overrides, space = prepare(args)
+    assert space["model.widths"].choices == ("32,96,192", "16,48,96")
+    trial = optuna.trial.FixedTrial({"model.widths": "16,48,96", "model.kernels": "3,3,1"})
+    values = {key: dist.suggest(trial, key) for key, dist in space.items()}
+    argv = command(args.config, overrides, values, tmp_path / "trial-0", "trial-0", "0" * 32, nproc=1)
+    at = argv.index("--config")
+    cfg = load_config(argv[at + 1], argv[at + 2:])
+    assert (cfg.model.block_widths, cfg.model.kernels) == ((16, 48, 96), (3, 3, 1))
 
 
 @pytest.mark.slow
