@@ -155,3 +155,71 @@ def test_tta_median_counts_a_seed_that_never_reached_the_target_as_slowest(times
 
     assert median_time(times) == median
 
+
+@pytest.mark.slow
+def test_bench_ablate_deltas_are_paired_by_seed_from_each_runs_metrics(tmp_path, data_root, monkeypatch, capsys):
+    from nin_dist.bench.ablate import NOISE_RULE
+
+    monkeypatch.setenv("NIN_DATA_DIR", str(data_root))
+    out, runs = tmp_path / "ablate.json", tmp_path / "runs"
+    assert main(["ablate", "--seeds", "0,1", "--workers", "2", "--cores", "2", "--change",
+                 "smoothing: optim.label_smoothing=0.1", "--markdown", "--out", str(runs), "--json", str(out),
+                 "data.train_limit=320", "data.val_size=64", "data.test_limit=100", "train.epochs=1",
+                 "train.batch_size=32"]) == 0
+    result = json.loads(out.read_text())
+    # Each run's own folder, told apart by the config it saved: (label_smoothing, seed) -> its metrics.
+    val, test = {}, {}
+    for path in runs.glob("*/seed-*/metrics.json"):
+        cfg, metrics = yaml.safe_load((path.parent / "config.yaml").read_text()), json.loads(path.read_text())
+        assert cfg["train"]["threads"] == 1  # the 2 cores shared by the 2 workers
+        key = (cfg["optim"]["label_smoothing"], cfg["seed"])
+        val[key], test[key] = metrics["val_acc"], metrics["test_acc"]
+    assert sorted(val) == [(0.0, 0), (0.0, 1), (0.1, 0), (0.1, 1)]
+    base, change = result["variants"]
+    assert (base["variant"], change["variant"], change["overrides"]) == ("base", "smoothing",
+                                                                         ["optim.label_smoothing=0.1"])
+    base_val = [val[(0.0, seed)] for seed in (0, 1)]
+    deltas = [val[(0.1, seed)] - val[(0.0, seed)] for seed in (0, 1)]
+    assert change["deltas"] == pytest.approx(deltas)
+    assert change["delta_mean"] == pytest.approx(statistics.mean(deltas))
+    assert change["delta_sd"] == pytest.approx(statistics.stdev(deltas))
+    assert change["delta_se"] == pytest.approx(statistics.stdev(deltas) / 2 ** 0.5)
+    assert change["within_noise"] == (abs(statistics.mean(deltas)) <= statistics.stdev(base_val))
+    assert base["val_acc_mean"] == pytest.approx(statistics.mean(base_val))
+    assert base["val_acc_sd"] == pytest.approx(statistics.stdev(base_val))
+    assert change["val_acc_mean"] == pytest.approx(statistics.mean(val[(0.1, seed)] for seed in (0, 1)))
+    assert change["test_acc_mean"] == pytest.approx(statistics.mean(test[(0.1, seed)] for seed in (0, 1)))
+    printed = capsys.readouterr().out
+    assert NOISE_RULE in printed
+    assert f"| smoothing | `optim.label_smoothing=0.1` | {change['val_acc_mean']:.4f} ± " in printed  # Markdown
+
+
+@pytest.mark.parametrize("change, val_size, message", [
+    ("optim.label_smoothing", 64,
+     "--change 'optim.label_smoothing': expected 'LABEL: key=value [key=value ...]' "
+     "('optim.label_smoothing' is not key=value)"),
+    ("smoothing: optim.label_smothing=0.1", 64,
+     "--change 'smoothing': unknown config key optim.label_smothing; did you mean optim.label_smoothing?"),
+    ("none: optim.label_smoothing=0", 64, "--change 'none' changes nothing"),  # configs/cpu.yaml has 0 already
+    ("smoothing: optim.label_smoothing=0.1", 0,
+     "ablate compares validation accuracy: configs/cpu.yaml holds no images out; add data.val_size=N"),
+])
+def test_bench_ablate_bad_input_is_one_line_before_any_training(tmp_path, capsys, change, val_size, message):
+    runs = tmp_path / "runs"
+    assert main(["ablate", "--out", str(runs), "--change", change, f"data.val_size={val_size}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"nin-bench: error: {message}" in err
+    assert not runs.exists()  # no run was started
+
+
+@pytest.mark.parametrize("text, label, overrides", [
+    ("no smoothing: optim.label_smoothing=0 train.tta=false", "no smoothing",
+     ("optim.label_smoothing=0", "train.tta=false")),
+    ("optim.lr=0.1", "optim.lr=0.1", ("optim.lr=0.1",)),  # no label: the overrides name it
+    ("tracking.uri=http://host:5000", "tracking.uri=http://host:5000", ("tracking.uri=http://host:5000",)),
+    ("run: run.name='a b'", "run", ("run.name=a b",)),  # quoted as a shell would
+])
+def test_ablate_change_syntax(text, label, overrides):
+    from nin_dist.bench.ablate import Variant, parse_change
+
+    assert parse_change(text) == Variant(label, overrides)
