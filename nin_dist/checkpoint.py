@@ -41,7 +41,7 @@ CONFIG_HASH = "config_hash"
 CONFIG = "config"  # the model-relevant keys, to say which differ on a refused resume
 MLFLOW_RUN_ID = "mlflow_run_id"
 RUN_NAME = "run_name"
-HISTORY = "history"  # the run's evaluations so far (epoch, step, val / test metrics, wall clock)
+HISTORY = "history"  # the run's evaluations so far (epoch, step, val / test metrics, epoch seconds, wall clock)
 EMA = "ema"  # the state_dict of the weights' moving average (train.ema_decay > 0 only)
 
 # What a resume needs, and the type of each entry (the optional ones are checked when present).

@@ -193,8 +193,10 @@ class Trainer:
                  cfg.train.epochs, results["train/epoch_loss"], results["train/acc"], scores.summary(), img_s,
                  seconds, 100 * results["perf/mfu"])
         self.tracker.log_metrics(results, self.step)
-        entry = {"epoch": self.epoch + 1, "step": self.step, **scores.history(),
-                 "time": time.time()}  # wall clock: `nin-bench tta` uses it
+        # epoch_s: this epoch's training seconds (its evaluation not included), time: the wall clock when
+        # the evaluation ended; `nin-bench tta` sums the one and subtracts the launch from the other.
+        entry = {"epoch": self.epoch + 1, "step": self.step, **scores.history(), "epoch_s": seconds,
+                 "time": time.time()}
         self.history.append(entry)
         self.run_dir.append_epoch(entry | {"mlflow_run_id": self.tracker.run_id})  # watched by nin-sweep
         return results, scores.predictions

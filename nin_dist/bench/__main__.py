@@ -4,10 +4,11 @@
     nin-bench kernels   # fused Triton 1x1 pairs vs cuDNN eager vs torch.compile (CUDA)
     nin-bench train     # training img/s and MFU: the seed's recipe, then each switch added
     nin-bench scaling   # 1 process vs N torchrun processes, same global batch
-    nin-bench tta       # wall seconds to a target test accuracy, median over seeds
+    nin-bench tta       # training and wall seconds to a target accuracy over seeds, configs side by side
     nin-bench traffic   # modelled HBM/L2 bytes, FLOPs and predicted µs of each kernel (no GPU)
     nin-bench profile   # where a step's time goes: each part's share and FLOP/s, the all-reduce's overlap
     nin-bench sweep     # trials per hour: 1 sweep worker x all threads vs K workers x fewer
+    nin-bench ablate    # each recipe change's effect on val accuracy, paired by seed, vs the seed-to-seed noise
 
 Every benchmark measures its baseline in the same run and reports ratios to it; absolute times mean
 something only on the machine named in the JSON.
@@ -18,12 +19,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nin_dist.bench import data, gpu, kernels, profile, scaling, sweep, traffic, train, tta
+from nin_dist.bench import ablate, data, gpu, kernels, profile, scaling, sweep, traffic, train, tta
 from nin_dist.errors import UserError, report
 from nin_dist.logs import init_logging
 
 BENCHMARKS = {"data": data, "kernels": kernels, "train": train, "scaling": scaling, "tta": tta, "gpu": gpu,
-              "traffic": traffic, "profile": profile, "sweep": sweep}
+              "traffic": traffic, "profile": profile, "sweep": sweep, "ablate": ablate}
 
 
 def main(argv: list[str] | None = None) -> int:

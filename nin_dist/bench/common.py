@@ -1,4 +1,5 @@
-"""What every benchmark shares: the machine it ran on, a text table, medians of repeats, JSON out."""
+"""What every benchmark shares: the machine it ran on, a text table, medians of repeats, means and
+sample standard deviations over seeds, JSON out."""
 
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ def machine() -> dict:
     """What the numbers were measured on."""
     import torch
 
+    from nin_dist.precision import cpu_flags
+
     info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
             "torch": torch.__version__, "cpu": cpu_name(),
+            # a CPU without it emulates bf16, and train.precision=auto then trains in fp32 (nin_dist.precision)
+            "cpu_avx512_bf16": "avx512_bf16" in cpu_flags(),
             "cpu_threads": torch.get_num_threads()}
     try:
         import triton
@@ -36,6 +41,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def describe_cpu(info: dict) -> str:
+    """`CPU: AMD EPYC (avx512_bf16: yes), 2 threads`: the line a benchmark of whole trainings prints
+    with its table (`info` from `machine()`)."""
+    return (f"CPU: {info['cpu']} (avx512_bf16: {'yes' if info['cpu_avx512_bf16'] else 'no'}), "
+            f"{info['cpu_threads']} threads")
 
 
 def add_config_arguments(p, repeats: int | None = None) -> None:
@@ -72,6 +84,23 @@ def median_of_repeats(repeats: list[dict]) -> dict:
     if len(repeats) > 1:
         row["repeats"] = repeats
     return row
+
+
+def mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1) of a measurement over seeds. The mean is None when a
+    value is missing (None: a seed that never got there) or there are none; the sd also with one value."""
+    if not values or any(v is None for v in values):
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def plus_minus(mean: float | None, sd: float | None, digits: int, signed: bool = False) -> str:
+    """`0.9012 ± 0.0011` (`+` before a positive mean when `signed`); `-` for an undefined mean; the
+    mean alone without an sd."""
+    if mean is None:
+        return "-"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text if sd is None else f"{text} ± {sd:.{digits}f}"
 
 
 def write_json(path: str | Path | None, result: dict) -> None:
