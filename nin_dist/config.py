@@ -52,6 +52,9 @@ MAX_TRANSLATE = 14
 # default 2, a view shows the network a shift training never did (out of its distribution), and Fashion-MNIST's
 # garments span most of the 28 pixels, so a diagonal shift of 3 already cuts off their edges.
 MAX_TTA_SHIFT = 2
+# optim.bias_lr_scale: airbench's BatchNorm shifts learn 64x faster than its weights; 1000 leaves room
+# above that, and past it a shift's first step is already larger than the activations it shifts.
+MAX_BIAS_LR_SCALE = 1000.0
 MAX_TIMEOUT_S = 3600.0  # one tracking call; longer waits stall the run, and the sender's guard is 6x this
 MAX_DIST_TIMEOUT_S = 86400.0  # one collective: a day; a peer silent for longer is gone
 # A profiled step of configs/cpu.yaml is ~1 MB of trace per rank, of the seed's network at 224 tens of
@@ -184,6 +187,9 @@ class OptimConfig:
     warmup_epochs: float = 0.0  # cosine: linear warmup length; onecycle: rise length
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 = off
+    # false: biases and BatchNorm's scales and shifts take no weight decay (conv weights keep optim.weight_decay)
+    decay_biases: bool = True
+    bias_lr_scale: float = 1.0  # learning-rate multiplier of biases and BatchNorm shifts (on the schedule's lr)
 
     def __post_init__(self):
         require(self.lr > 0, "optim.lr", "a positive learning rate", self.lr)
@@ -196,6 +202,8 @@ class OptimConfig:
         require(self.warmup_epochs >= 0, "optim.warmup_epochs", "zero or more epochs", self.warmup_epochs)
         require(0 <= self.label_smoothing < 1, "optim.label_smoothing", "in [0, 1)", self.label_smoothing)
         require(self.grad_clip >= 0, "optim.grad_clip", "zero (off) or a positive norm", self.grad_clip)
+        require(0 < self.bias_lr_scale <= MAX_BIAS_LR_SCALE, "optim.bias_lr_scale",
+                f"a positive multiplier up to {MAX_BIAS_LR_SCALE:g}", self.bias_lr_scale)
 
 
 @dataclass(frozen=True)
