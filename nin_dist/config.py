@@ -130,6 +130,9 @@ class ModelConfig:
     # channel the ReLU silences early in training stays silent (its gradient is zero). false drops
     # that last ReLU; no parameter changes.
     logit_relu: bool = True
+    # true: every block's two 1x1 convs start as identity maps (torch.nn.init.dirac_, zero bias) instead of
+    # Xavier, so a fresh block passes its k x k conv's ReLU'd features through; the k x k convs keep the seed's init
+    dirac_init: bool = False
 
     @property
     def stem(self) -> tuple[int, int, int]:

@@ -42,7 +42,8 @@ RECIPE = {"data__train_limit": 16 * STEPS_PER_EPOCH + VAL, "data__val_size": VAL
           "train__batch_size": 16, "train__epochs": 2, "train__precision": "fp64", "train__log_every": 50,
           "data__augment": True, "data__flip": True, "data__translate": 2, "data__erase": 0.5,
           "train__ema_decay": 0.9, "train__tta": True, "model__dropout": 0.1, "model__width": 0.25,
-          "train__tta_shifts": 1, "optim__decay_biases": False, "optim__bias_lr_scale": 4.0}
+          "train__tta_shifts": 1, "optim__decay_biases": False, "optim__bias_lr_scale": 4.0,
+          "model__dirac_init": True}
 # fp64 parameters; what is left is the rounding of sums over 2 x 8 images against sums over 16.
 REL_TOL = 1e-11
 WORLD_OF_ONE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"),
