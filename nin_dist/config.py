@@ -233,6 +233,8 @@ class TrainConfig:
     # lines. true means auto and false off (YAML reads `off` as false).
     progress: bool | str = "auto"
     ema_decay: float = 0.0  # exponential moving average of the weights, evaluated and logged; 0 = off
+    # epochs (fractions too, rounded to a step) whose weights the EMA copies before it starts averaging
+    ema_start: float = 0.0
     tta: bool = False  # evaluation averages the class probabilities of each image and its mirror
     # s > 0: evaluation also scores each image moved by (+s, +s) and (-s, -s) pixels of the 28-px image, zero
     # fill (data.translate's shift), each view mirrored too with train.tta; the probabilities of all are averaged
@@ -268,6 +270,8 @@ class TrainConfig:
                 f"null (120 s on a CPU, 600 s on a GPU, {COMPILED_DIST_TIMEOUT_S:g} s with train.compile) or 1 to "
                 f"{MAX_DIST_TIMEOUT_S:g} seconds", self.dist_timeout_s)
         require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "in [0, 1) (0 = off)", self.ema_decay)
+        require(0.0 <= self.ema_start <= self.epochs, "train.ema_start",
+                f"0 to train.epochs={self.epochs} epochs (the start is part of the run)", self.ema_start)
         require(0 <= self.tta_shifts <= MAX_TTA_SHIFT, "train.tta_shifts", f"0 (off) to {MAX_TTA_SHIFT} pixels (of the "
                 f"28-pixel image)", self.tta_shifts)
         require(1 <= self.profile_start <= MAX_STEPS, "train.profile_start",

@@ -273,6 +273,8 @@ DIST_TIMEOUT_RANGE = "null (120 s on a CPU, 600 s on a GPU, 1800 s with train.co
     ("train.tta_shifts=-1", "0 (off) to 2 pixels (of the 28-pixel image)"),
     ("optim.bias_lr_scale=0", "a positive multiplier up to 1000"),
     ("optim.bias_lr_scale=1001", "a positive multiplier up to 1000"),
+    ("train.ema_start=10.5", "0 to train.epochs=10 epochs"),
+    ("train.ema_start=-0.5", "0 to train.epochs=10 epochs"),
     ("tracking.parent_run_id=../x", "null or an MLflow run id"),
     ("tracking.register_model=a@b", "null or a model name"),
     ("train.progress=fancy", "auto, bar, lines or off (true = auto, false = off)"),
