@@ -23,7 +23,7 @@ train: install
 	@if $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 	  echo "make train: CUDA found, using configs/d2l.yaml"; cfg=configs/d2l.yaml; \
 	else \
-	  echo "make train: no CUDA, using configs/cpu.yaml"; cfg=configs/cpu.yaml; \
+	  echo "make train: no CUDA, using configs/quick.yaml"; cfg=configs/quick.yaml; \
 	fi; \
 	$(BIN)/nin-train --config $$cfg $(ARGS)
 

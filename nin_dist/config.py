@@ -396,7 +396,7 @@ def dump_yaml(cfg: Config) -> str:
 # ending in "." or "_" stands for every key it begins; any other for itself alone (model.kernel, the
 # kernel switch, is not model.kernels, the network's convs).
 _RESUMABLE_KEYS = ("train.max_steps", "train.progress", "train.log_every", "train.dist_timeout_s",
-                   "train.checkpoint_every", "train.threads", "train.tta", "train.eval_test_every_epoch",
+                   "train.checkpoint_every", "train.threads", "train.tta", "train.tta_shifts", "train.eval_test_every_epoch",
                    "train.profile_", "tracking.", "run.", "data.root",
                    "data.download", "data.mirror", "model.kernel", "train.compile", "train.bucket_cap_mb")
 
@@ -404,7 +404,8 @@ _RESUMABLE_KEYS = ("train.max_steps", "train.progress", "train.log_every", "trai
 # Keys that came after runs had saved checkpoints, with the value that builds what those runs built: at
 # that value a key is left out, so the hash of those runs' configs stays theirs (their checkpoints
 # resume, a sweep's fixed config is still its study's).
-_LATER_KEYS_AS_BEFORE = {"model.widths": None, "model.kernels": LATER_KERNELS}
+_LATER_KEYS_AS_BEFORE = {"model.widths": None, "model.kernels": LATER_KERNELS, "model.dirac_init": False,
+                         "optim.decay_biases": True, "optim.bias_lr_scale": 1.0, "train.ema_start": 0.0}
 
 
 def _resumable(key: str) -> bool:

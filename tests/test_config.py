@@ -28,7 +28,7 @@ from nin_dist.shapes import parameter_count
 from nin_dist.train import main
 
 REPO = Path(__file__).resolve().parents[1]
-REPO_CONFIGS = ("configs/d2l.yaml", "configs/cpu.yaml", "configs/fast.yaml")
+REPO_CONFIGS = ("configs/d2l.yaml", "configs/cpu.yaml", "configs/fast.yaml", "configs/quick.yaml", "configs/best.yaml")
 FLOAT_KEYS = [key for key, value in flatten(Config()).items() if isinstance(value, float)]
 
 
@@ -112,10 +112,19 @@ def test_widths_and_kernels_from_the_command_line_or_yaml_build_that_network(tmp
 
 
 def test_the_new_model_keys_at_the_seeds_values_keep_existing_hashes():
-    """A config that leaves model.widths and model.kernels at the network earlier runs built hashes as
-    those runs' configs did (their checkpoints resume); any other value is a different network."""
+    """A config that leaves the later keys (model.widths, model.kernels, the recipe's) at what earlier runs
+    computed hashes as those runs' configs did (their checkpoints resume, a sweep's study takes its
+    worker back); any other value is a different run."""
     seed = load_config(None, [])
-    assert not {"model.widths", "model.kernels"} & set(model_relevant(seed))
+    later = {"model.widths", "model.kernels", "model.dirac_init", "optim.decay_biases", "optim.bias_lr_scale",
+             "train.ema_start", "train.tta_shifts"}
+    assert not later & set(model_relevant(seed))
+    # The hashes the code before these keys computed (git 2ed6483) for the defaults, cpu.yaml and fast.yaml.
+    assert [config_hash(seed), config_hash(load_config(REPO / "configs/cpu.yaml")),
+            config_hash(load_config(REPO / "configs/fast.yaml"))] == ["bc9195625aef0b08", "e3ad45323b10f698",
+                                                                      "21cd2abb281b59d9"]
+    assert config_hash(load_config(None, ["train.ema_start=1"])) != config_hash(seed)
+    assert config_hash(load_config(None, ["optim.decay_biases=false"])) != config_hash(seed)
     assert config_hash(load_config(None, ["model.kernels=5,3,3"])) == config_hash(seed)
     assert config_hash(load_config(None, ["model.widths=96,256,384"])) != config_hash(seed)
     assert config_hash(load_config(None, ["model.kernels=5,3,1"])) != config_hash(seed)

@@ -75,3 +75,17 @@ def test_the_cuda_paths_are_logged_once_in_one_line(caplog):
     assert ieee.count("cuDNN") == 4
     no_relu = NiN(dataclasses.replace(ModelConfig(), logit_relu=False)).describe_paths(torch.float16, False)
     assert no_relu.endswith("C=10 cuDNN (no final ReLU)")
+
+
+@pytest.mark.parametrize("name", ["quick", "best"])
+def test_the_cpu_recipes_networks_run_the_fused_kernel_on_a_gpu(name):
+    """configs/quick.yaml and best.yaml are chosen on a CPU; on a GPU their 1x1 pairs run the fused kernel
+    (every block but the 10-class head, which has no final ReLU there)."""
+    from pathlib import Path
+
+    from nin_dist.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    paths = NiN(cfg.model).describe_paths(torch.bfloat16, False)
+    widths = cfg.model.block_widths
+    assert paths.endswith("; ".join([*(f"C={c} fused Triton" for c in widths), "C=10 cuDNN (no final ReLU)"]))
