@@ -52,9 +52,6 @@ MAX_TRANSLATE = 14
 # default 2, a view shows the network a shift training never did (out of its distribution), and Fashion-MNIST's
 # garments span most of the 28 pixels, so a diagonal shift of 3 already cuts off their edges.
 MAX_TTA_SHIFT = 2
-# optim.bias_lr_scale: airbench's BatchNorm shifts learn 64x faster than its weights; 1000 leaves room
-# above that, and past it a shift's first step is already larger than the activations it shifts.
-MAX_BIAS_LR_SCALE = 1000.0
 MAX_TIMEOUT_S = 3600.0  # one tracking call; longer waits stall the run, and the sender's guard is 6x this
 MAX_DIST_TIMEOUT_S = 86400.0  # one collective: a day; a peer silent for longer is gone
 # A profiled step of configs/cpu.yaml is ~1 MB of trace per rank, of the seed's network at 224 tens of
@@ -130,9 +127,6 @@ class ModelConfig:
     # channel the ReLU silences early in training stays silent (its gradient is zero). false drops
     # that last ReLU; no parameter changes.
     logit_relu: bool = True
-    # true: every block's two 1x1 convs start as identity maps (torch.nn.init.dirac_, zero bias) instead of
-    # Xavier, so a fresh block passes its k x k conv's ReLU'd features through; the k x k convs keep the seed's init
-    dirac_init: bool = False
 
     @property
     def stem(self) -> tuple[int, int, int]:
@@ -190,9 +184,6 @@ class OptimConfig:
     warmup_epochs: float = 0.0  # cosine: linear warmup length; onecycle: rise length
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 = off
-    # false: biases and BatchNorm's scales and shifts take no weight decay (conv weights keep optim.weight_decay)
-    decay_biases: bool = True
-    bias_lr_scale: float = 1.0  # learning-rate multiplier of biases and BatchNorm shifts (on the schedule's lr)
 
     def __post_init__(self):
         require(self.lr > 0, "optim.lr", "a positive learning rate", self.lr)
@@ -205,8 +196,6 @@ class OptimConfig:
         require(self.warmup_epochs >= 0, "optim.warmup_epochs", "zero or more epochs", self.warmup_epochs)
         require(0 <= self.label_smoothing < 1, "optim.label_smoothing", "in [0, 1)", self.label_smoothing)
         require(self.grad_clip >= 0, "optim.grad_clip", "zero (off) or a positive norm", self.grad_clip)
-        require(0 < self.bias_lr_scale <= MAX_BIAS_LR_SCALE, "optim.bias_lr_scale",
-                f"a positive multiplier up to {MAX_BIAS_LR_SCALE:g}", self.bias_lr_scale)
 
 
 @dataclass(frozen=True)
@@ -233,8 +222,6 @@ class TrainConfig:
     # lines. true means auto and false off (YAML reads `off` as false).
     progress: bool | str = "auto"
     ema_decay: float = 0.0  # exponential moving average of the weights, evaluated and logged; 0 = off
-    # epochs (fractions too, rounded to a step) whose weights the EMA copies before it starts averaging
-    ema_start: float = 0.0
     tta: bool = False  # evaluation averages the class probabilities of each image and its mirror
     # s > 0: evaluation also scores each image moved by (+s, +s) and (-s, -s) pixels of the 28-px image, zero
     # fill (data.translate's shift), each view mirrored too with train.tta; the probabilities of all are averaged
@@ -270,8 +257,6 @@ class TrainConfig:
                 f"null (120 s on a CPU, 600 s on a GPU, {COMPILED_DIST_TIMEOUT_S:g} s with train.compile) or 1 to "
                 f"{MAX_DIST_TIMEOUT_S:g} seconds", self.dist_timeout_s)
         require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "in [0, 1) (0 = off)", self.ema_decay)
-        require(0.0 <= self.ema_start <= self.epochs, "train.ema_start",
-                f"0 to train.epochs={self.epochs} epochs (the start is part of the run)", self.ema_start)
         require(0 <= self.tta_shifts <= MAX_TTA_SHIFT, "train.tta_shifts", f"0 (off) to {MAX_TTA_SHIFT} pixels (of the "
                 f"28-pixel image)", self.tta_shifts)
         require(1 <= self.profile_start <= MAX_STEPS, "train.profile_start",
@@ -396,16 +381,15 @@ def dump_yaml(cfg: Config) -> str:
 # ending in "." or "_" stands for every key it begins; any other for itself alone (model.kernel, the
 # kernel switch, is not model.kernels, the network's convs).
 _RESUMABLE_KEYS = ("train.max_steps", "train.progress", "train.log_every", "train.dist_timeout_s",
-                   "train.checkpoint_every", "train.threads", "train.tta", "train.tta_shifts", "train.eval_test_every_epoch",
-                   "train.profile_", "tracking.", "run.", "data.root",
+                   "train.checkpoint_every", "train.threads", "train.tta", "train.tta_shifts",
+                   "train.eval_test_every_epoch", "train.profile_", "tracking.", "run.", "data.root",
                    "data.download", "data.mirror", "model.kernel", "train.compile", "train.bucket_cap_mb")
 
 
 # Keys that came after runs had saved checkpoints, with the value that builds what those runs built: at
 # that value a key is left out, so the hash of those runs' configs stays theirs (their checkpoints
 # resume, a sweep's fixed config is still its study's).
-_LATER_KEYS_AS_BEFORE = {"model.widths": None, "model.kernels": LATER_KERNELS, "model.dirac_init": False,
-                         "optim.decay_biases": True, "optim.bias_lr_scale": 1.0, "train.ema_start": 0.0}
+_LATER_KEYS_AS_BEFORE = {"model.widths": None, "model.kernels": LATER_KERNELS}
 
 
 def _resumable(key: str) -> bool:

@@ -80,11 +80,6 @@ class NiN(nn.Sequential):
         self.kernel = "torch"
         self._logged_paths: set[tuple[torch.dtype, bool]] = set()
 
-    def pointwise_pairs(self) -> list[tuple[nn.Conv2d, nn.Conv2d]]:
-        """Each block's two 1x1 convs, in block order."""
-        blocks = [layer for layer in self if isinstance(layer, nn.Sequential)]
-        return [(block[self._stem_end + 1], block[self._stem_end + 3]) for block in blocks]
-
     def set_dropout_rows(self, offset: int, global_rows: int, seed: int) -> None:
         """Which rows of the global batch this rank holds, and the step's dropout seed."""
         self[DROPOUT_LAYER].set_rows(offset, global_rows, seed)  # every step: no walk over the modules
@@ -194,16 +189,6 @@ def init_weights(model: nn.Module) -> None:
             nn.init.xavier_uniform_(m.weight)
 
 
-@torch.no_grad()
-def init_pairs_as_identity(model: NiN) -> None:
-    """model.dirac_init: each block's 1x1 convs become identity maps with zero biases, so a fresh pair
-    computes relu(I relu(I a)) = a on the block's ReLU'd features a; the other layers keep their init."""
-    for pair in model.pointwise_pairs():
-        for conv in pair:
-            nn.init.dirac_(conv.weight)
-            nn.init.zeros_(conv.bias)
-
-
 def resolve_kernel(kernel: str, device: torch.device) -> str:
     """'auto' -> 'triton' on CUDA when the kernels import, else 'torch'."""
     if kernel == "torch" or (kernel == "auto" and device.type != "cuda"):
@@ -221,13 +206,10 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> NiN:
-    """NiN on `device` with the seed's init (1x1 pairs as identities with model.dirac_init) and the
-    resolved kernel switch."""
+    """NiN on `device` with the seed's init and the resolved kernel switch."""
     device = torch.device(device)
     model = NiN(cfg)
     init_weights(model)
-    if cfg.dirac_init:  # after the seed's init, so the k x k convs draw what they draw without it
-        init_pairs_as_identity(model)
     model.set_kernel(resolve_kernel(cfg.kernel, device))
     return model.to(device)
 

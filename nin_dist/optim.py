@@ -5,14 +5,6 @@ steps, warmup steps), so a resumed run and a run cut short by `train.max_steps` 
 curve of the full run. A resume rebuilds the schedule at its step rather than loading it, and
 `apply_hyperparameters` puts the config's values back into a loaded optimizer: what a run uses is
 always what its config says (a checkpoint brings only the state: momentum buffers, the step).
-
-Parameter groups: with `optim.decay_biases=true` and `optim.bias_lr_scale=1` (the defaults) every
-parameter is in one group, as before those keys. Otherwise each parameter goes to the group of its
-role (`parameter_roles`): the conv / linear weights (optim.lr, optim.weight_decay); BatchNorm's
-scales (optim.lr; no weight decay unless optim.decay_biases); the biases, BatchNorm's shifts
-included (optim.lr x optim.bias_lr_scale; no weight decay unless optim.decay_biases). A group's
-`role` names it, so its hyperparameters are recomputed from the config on a resume, and the
-schedule's factor multiplies each group's own peak rate.
 """
 
 from __future__ import annotations
@@ -24,50 +16,17 @@ from torch import nn
 
 from nin_dist.config import OptimConfig
 
-# A parameter group's role (its "role" entry); ALL is the one group of the defaults.
-ALL, WEIGHTS, NORM_SCALES, BIASES = "all", "weights", "norm_scales", "biases"
-NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
-
-
-def parameter_roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """The model's parameters by role, each list in `model.parameters()` order: conv / linear weights,
-    normalisation layers' scales (their weights), biases (every layer's, normalisation shifts included)."""
-    roles = {WEIGHTS: [], NORM_SCALES: [], BIASES: []}
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            role = BIASES if name == "bias" else NORM_SCALES if isinstance(module, NORM_LAYERS) else WEIGHTS
-            roles[role].append(param)
-    return roles
-
-
-def group_hyperparameters(role: str, cfg: OptimConfig) -> dict[str, float]:
-    """The peak learning rate and weight decay of a group of `role`."""
-    decays = role in (ALL, WEIGHTS) or cfg.decay_biases
-    return {"lr": cfg.lr * (cfg.bias_lr_scale if role == BIASES else 1.0),
-            "weight_decay": cfg.weight_decay if decays else 0.0}
-
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
-    if cfg.decay_biases and cfg.bias_lr_scale == 1.0:
-        groups = [{"params": list(model.parameters()), "role": ALL}]
-    else:
-        groups = [{"params": params, "role": role} for role, params in parameter_roles(model).items() if params]
-    for group in groups:
-        group.update(group_hyperparameters(group["role"], cfg))
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                            weight_decay=cfg.weight_decay)
 
 
 def apply_hyperparameters(opt: torch.optim.Optimizer, cfg: OptimConfig) -> None:
-    """Overwrite the hyperparameters a loaded optimizer state carries with the config's.
-
-    Loading puts the saved groups in place of the built ones; theirs have the same roles (the layout is
-    the config's, and a resume needs the same config), but a checkpoint older than the roles has none:
-    its one group is ALL."""
+    """Overwrite the hyperparameters a loaded optimizer state carries with the config's."""
     for group in opt.param_groups:
-        peak = group_hyperparameters(group.setdefault("role", ALL), cfg)
-        group.update(initial_lr=peak["lr"], momentum=cfg.momentum, nesterov=cfg.nesterov,
-                     weight_decay=peak["weight_decay"])
+        group.update(initial_lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                     weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -94,8 +53,8 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoc
 
     The optimizer's lr is set for step `step` at once, as if `scheduler.step()` had run `step` times.
     """
-    for group in opt.param_groups:  # LambdaLR's base lr, each group's peak; required when starting at step > 0
-        group["initial_lr"] = group_hyperparameters(group["role"], cfg)["lr"]
+    for group in opt.param_groups:
+        group["initial_lr"] = cfg.lr  # LambdaLR's base lr; required when starting at step > 0
     total = steps_per_epoch * epochs
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if cfg.schedule == "onecycle" and warmup == 0:

@@ -33,7 +33,7 @@ from nin_dist import distributed, precision, profiling
 from nin_dist.config import Config, config_hash, load_config, model_relevant
 from nin_dist.data import TrainBatches, hold_out, load_datasets
 from nin_dist.distributed import DistInfo
-from nin_dist.ema import make_ema
+from nin_dist.ema import WeightEMA
 from nin_dist.errors import CheckpointError, ConfigError, DivergedError, UserError, first_line, report
 from nin_dist.layers import dropout_seed
 from nin_dist.logs import init_logging
@@ -72,7 +72,7 @@ class Trainer:
 
             self.raw_model.log_paths(compute_dtype(cfg.train), conv_allows_tf32())
         self.opt = build_optimizer(self.raw_model, cfg.optim)
-        self.ema = make_ema(self.raw_model, cfg.train, self.batches.steps_per_epoch)  # None with train.ema_decay=0
+        self.ema = WeightEMA(self.raw_model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16")
         self.checkpointer = ckpt.Checkpointer(self.run_dir.path, info)
         self.digest = config_hash(cfg)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nin_dist.config import TrainConfig
-from nin_dist.ema import WeightEMA, make_ema
+from nin_dist.ema import WeightEMA
 
 # d_t = min(0.6, (1 + t) / (10 + t)) written out: the ramp 1/10, 2/11, ..., 13/22, then the cap.
 DECAYS = [1 / 10, 2 / 11, 3 / 12, 4 / 13, 5 / 14, 6 / 15, 7 / 16, 8 / 17, 9 / 18, 10 / 19, 11 / 20, 12 / 21,
@@ -35,39 +34,3 @@ def test_the_average_equals_a_hand_computed_ema_of_weights_and_buffers():
     # It is an average, not the model: the weights moved on since.
     assert not torch.allclose(averaged["5.weight"], model.state_dict()["5.weight"])
     assert not any(p.requires_grad for p in ema.module.parameters())
-
-
-def test_before_its_start_the_average_copies_the_weights_then_ramps_from_them():
-    """train.ema_start: updates 0..3 copy; update 4 is the average's first, with the ramp's first decay."""
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(4, 3)).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    ema = WeightEMA(model, decay=0.6, start=4)
-    decays = [None] * 4 + DECAYS[:11]  # None: copied
-    by_hand = {}
-    for step, decay in enumerate(decays):
-        x, y = torch.randn(8, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        if step == 6:  # a resume: a new average from the checkpointed one, going on at the step count
-            state = {name: t.clone() for name, t in ema.state_dict().items()}
-            ema = WeightEMA(model, decay=0.6, start=4)
-            ema.load_state_dict(state)
-        ema.update(model, step)
-        for name, current in model.state_dict().items():
-            copied = decay is None or not current.is_floating_point()
-            by_hand[name] = current.clone() if copied else decay * by_hand[name] + (1 - decay) * current
-        if decay is None:
-            assert all(torch.equal(a, model.state_dict()[k]) for k, a in ema.state_dict().items()), step
-    for name, expected in ema.state_dict().items():
-        torch.testing.assert_close(expected, by_hand[name], rtol=1e-13, atol=1e-15, msg=name)
-    assert not torch.allclose(ema.state_dict()["5.weight"], model.state_dict()["5.weight"])
-
-
-def test_the_start_is_train_ema_start_epochs_of_steps_rounded():
-    model = nn.Linear(2, 2)
-    assert make_ema(model, TrainConfig(epochs=2, ema_decay=0.9, ema_start=1.25), steps_per_epoch=12).start == 15
-    assert make_ema(model, TrainConfig(epochs=2, ema_decay=0.9, ema_start=0.3), steps_per_epoch=5).start == 2
-    assert make_ema(model, TrainConfig(epochs=2, ema_decay=0.9), steps_per_epoch=12).start == 0
-    assert make_ema(model, TrainConfig(epochs=2, ema_start=1.0), steps_per_epoch=12) is None  # train.ema_decay=0: off

@@ -75,29 +75,6 @@ def test_init_is_xavier_uniform_with_default_biases():
     assert b.abs().max() <= 1 / 121 ** 0.5
 
 
-@pytest.mark.parametrize("batchnorm, logit_relu", [(False, True), (True, False)])
-def test_dirac_init_makes_each_1x1_pair_the_identity_on_relud_input(batchnorm, logit_relu):
-    cfg = ModelConfig(width=0.25, batchnorm=batchnorm, logit_relu=logit_relu, dirac_init=True)
-    torch.manual_seed(0)
-    model = build_model(cfg, "cpu")
-    torch.manual_seed(0)
-    xavier = build_model(ModelConfig(width=0.25, batchnorm=batchnorm, logit_relu=logit_relu), "cpu")
-    blocks = [(i, layer) for i, layer in enumerate(model) if isinstance(layer, nn.Sequential)]
-    assert len(blocks) == 4
-    stem_end = 2 if batchnorm else 1  # the k x k conv (and its BatchNorm), then ReLU, 1x1, ReLU, 1x1, last ReLU
-    for i, block in blocks:
-        channels = block[0].out_channels
-        for conv in (block[stem_end + 1], block[stem_end + 3]):
-            assert conv.kernel_size == (1, 1)
-            assert torch.equal(conv.weight[:, :, 0, 0], torch.eye(channels)) and not conv.bias.any()
-        a = torch.relu(torch.randn(2, channels, 5, 5))  # the block's ReLU'd k x k features
-        with torch.no_grad():
-            assert torch.equal(block[stem_end + 1:](a), a), i
-        # The k x k conv keeps the seed's init: the very values drawn without model.dirac_init.
-        assert torch.equal(block[0].weight, xavier[i][0].weight) and torch.equal(block[0].bias, xavier[i][0].bias)
-        assert not torch.equal(xavier[i][stem_end + 1].weight[:, :, 0, 0], torch.eye(channels))
-
-
 def test_width_batchnorm_and_stem_change_shapes_not_structure():
     cfg = ModelConfig(width=0.25, batchnorm=True, stem_kernel=5, stem_stride=1, stem_padding=2)
     model = NiN(cfg)
