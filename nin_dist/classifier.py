@@ -4,9 +4,8 @@
 [N, 1, 28, 28], and returns the class probabilities [N, 10] (fp32). Everything the run did before
 the network is inside, read from the run's config: `nin_dist.data.to_inputs` (scale to [0, 1],
 `data.normalize`, resize to `data.resize`, one channel), then the network, the softmax and, with
-`train.tta` / `train.tta_shifts`, the mean of the probabilities of the image's views (its mirror,
-the image shifted): `nin_dist.evaluate.view_inputs` and `class_log_probabilities`, the functions the
-evaluation scores with.
+`train.tta`, the mean of the image's and its mirror image's probabilities: the class probabilities
+of `nin_dist.evaluate.class_log_probabilities`, the function the evaluation scores with.
 Training's random draws (flips, augmentation) are not part of it: they are for training.
 
 `export_classifier` traces it with `torch.export` (batch size dynamic, from 1) and saves the graph
@@ -22,8 +21,8 @@ import torch
 from torch import nn
 
 from nin_dist.config import DataConfig
-from nin_dist.data import IMAGE_SIDE
-from nin_dist.evaluate import TTA, class_log_probabilities, view_inputs
+from nin_dist.data import IMAGE_SIDE, to_inputs
+from nin_dist.evaluate import class_log_probabilities
 
 MAX_BATCH = 1 << 20  # the exported graph's largest batch (torch.export wants a bound; callers send chunks)
 
@@ -32,16 +31,16 @@ class RawImageClassifier(nn.Module):
     """uint8 images [N, 1, 28, 28] -> class probabilities [N, classes]: the run's preprocessing, the
     network (in eval mode, as given) and the run's TTA."""
 
-    def __init__(self, network: nn.Module, data: DataConfig, tta: TTA):
+    def __init__(self, network: nn.Module, data: DataConfig, tta: bool):
         super().__init__()
         self.network, self.data, self.tta = network, data, tta
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        views = view_inputs(images.reshape(-1, IMAGE_SIDE, IMAGE_SIDE), self.data, self.tta.shifts)
-        return class_log_probabilities(self.network, views, self.tta.mirror).exp()
+        x = to_inputs(images.reshape(-1, IMAGE_SIDE, IMAGE_SIDE), self.data)
+        return class_log_probabilities(self.network, x, self.tta).exp()
 
 
-def export_classifier(network: nn.Module, data: DataConfig, tta: TTA, images: torch.Tensor, path: Path) -> None:
+def export_classifier(network: nn.Module, data: DataConfig, tta: bool, images: torch.Tensor, path: Path) -> None:
     """Save the classifier of `network` (CPU, fp32, eval mode) as a torch.export graph at `path`;
     `images` (uint8 [B, 28, 28] or [B, 1, 28, 28]) are the example it is traced with."""
     example = images.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE).cpu()

@@ -48,10 +48,6 @@ MAX_THREADS = 1024  # torch intra-op threads: above any machine's cores; torch i
 MAX_BUCKET_MB = 65536.0  # DDP bucket, MiB: larger than the gradients of the largest model allowed
 # A shift of half the 28-pixel image each way already moves most of a garment out of the frame.
 MAX_TRANSLATE = 14
-# train.tta_shifts: airbench's TTA shifts by 1 pixel of a 2-pixel training translate. Past data.translate's
-# default 2, a view shows the network a shift training never did (out of its distribution), and Fashion-MNIST's
-# garments span most of the 28 pixels, so a diagonal shift of 3 already cuts off their edges.
-MAX_TTA_SHIFT = 2
 MAX_TIMEOUT_S = 3600.0  # one tracking call; longer waits stall the run, and the sender's guard is 6x this
 MAX_DIST_TIMEOUT_S = 86400.0  # one collective: a day; a peer silent for longer is gone
 # A profiled step of configs/cpu.yaml is ~1 MB of trace per rank, of the seed's network at 224 tens of
@@ -223,9 +219,6 @@ class TrainConfig:
     progress: bool | str = "auto"
     ema_decay: float = 0.0  # exponential moving average of the weights, evaluated and logged; 0 = off
     tta: bool = False  # evaluation averages the class probabilities of each image and its mirror
-    # s > 0: evaluation also scores each image moved by (+s, +s) and (-s, -s) pixels of the 28-px image, zero
-    # fill (data.translate's shift), each view mirrored too with train.tta; the probabilities of all are averaged
-    tta_shifts: int = 0  # pixels; 0 = off
     eval_test_every_epoch: bool = False  # with data.val_size: score test every epoch too, not only at the end
     # The profile window (nin_dist.profiling): global steps profile_start .. profile_start + profile_steps - 1
     # traced on every rank into run.out_dir/profile/ and MLflow. The default start skips step 1, whose
@@ -257,8 +250,6 @@ class TrainConfig:
                 f"null (120 s on a CPU, 600 s on a GPU, {COMPILED_DIST_TIMEOUT_S:g} s with train.compile) or 1 to "
                 f"{MAX_DIST_TIMEOUT_S:g} seconds", self.dist_timeout_s)
         require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "in [0, 1) (0 = off)", self.ema_decay)
-        require(0 <= self.tta_shifts <= MAX_TTA_SHIFT, "train.tta_shifts", f"0 (off) to {MAX_TTA_SHIFT} pixels (of the "
-                f"28-pixel image)", self.tta_shifts)
         require(1 <= self.profile_start <= MAX_STEPS, "train.profile_start",
                 f"a global step from 1 to {MAX_STEPS:.0e} (step 1 is the first)", self.profile_start)
         require(0 <= self.profile_steps <= MAX_PROFILE_STEPS, "train.profile_steps",
@@ -381,7 +372,7 @@ def dump_yaml(cfg: Config) -> str:
 # ending in "." or "_" stands for every key it begins; any other for itself alone (model.kernel, the
 # kernel switch, is not model.kernels, the network's convs).
 _RESUMABLE_KEYS = ("train.max_steps", "train.progress", "train.log_every", "train.dist_timeout_s",
-                   "train.checkpoint_every", "train.threads", "train.tta", "train.tta_shifts",
+                   "train.checkpoint_every", "train.threads", "train.tta",
                    "train.eval_test_every_epoch", "train.profile_", "tracking.", "run.", "data.root",
                    "data.download", "data.mirror", "model.kernel", "train.compile", "train.bucket_cap_mb")
 

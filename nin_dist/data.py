@@ -333,11 +333,10 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return n * rank // world_size, n * (rank + 1) // world_size
 
 
-def eval_batches(split: Split, global_batch: int, rank: int, world_size: int):
-    """This rank's shard of the split, in order, as (images, labels, indices) batches: the uint8
-    images, which the evaluation preprocesses (`to_inputs`) with the views of its TTA."""
+def eval_batches(split: Split, cfg: DataConfig, global_batch: int, rank: int, world_size: int):
+    """This rank's shard of the split, in order, as (inputs, labels, indices) batches."""
     start, stop = shard_range(len(split), rank, world_size)
     local = max(1, global_batch // world_size)
     for lo in range(start, stop, local):
         hi = min(lo + local, stop)
-        yield split.images[lo:hi], split.labels[lo:hi], torch.arange(lo, hi)
+        yield to_inputs(split.images[lo:hi], cfg), split.labels[lo:hi], torch.arange(lo, hi)

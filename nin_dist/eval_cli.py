@@ -7,7 +7,7 @@
     nin-eval MODEL --split val --json eval.json train.tta=true data.root=DIR
     nin-eval MODEL --predictions predictions.csv  # and each image's predicted class and probabilities
 
-The data, its preprocessing and the evaluation settings (`data.*`, `seed`, `train.tta`, `train.tta_shifts`,
+The data, its preprocessing and the evaluation settings (`data.*`, `seed`, `train.tta`,
 `train.eval_batch_size`, `train.precision`) are the model's own run's (`nin_dist.model_source`), so
 on the same data the command gives exactly the run's `test/acc`; `key=value` overrides apply on top,
 and `--config` replaces the stored config (a checkpoint without its run folder). It prints the loss,
@@ -102,7 +102,6 @@ def results(source, split: Split, which: str, cfg: Config, scored: Evaluation) -
                  for k, name, n, c, a in per_class_rows(cm)]
     return {"model": source.uri, "model_id": source.model_id, "source_run_id": source.run_id, "split": which,
             "dataset": split.dataset_name, "images": scored.count, "tta": cfg.train.tta,
-            "tta_shifts": cfg.train.tta_shifts,
             "loss": scored.loss, "acc": scored.acc, "classes": list(CLASSES), "per_class": per_class,
             "confusion_matrix": cm.tolist()}
 
@@ -116,9 +115,8 @@ def metrics(result: dict) -> dict[str, float]:
 def format_report(result: dict) -> str:
     """The printed form: a summary line, per-class accuracy, then the confusion matrix."""
     split, cm = result["split"], np.array(result["confusion_matrix"])
-    shifts = f", views shifted by {result['tta_shifts']} px" if result["tta_shifts"] else ""
     lines = [f"{result['model']}: {split} loss {result['loss']:.4f}  acc {result['acc']:.4f}  "
-             f"({result['images']} images of {result['dataset']}, tta {'on' if result['tta'] else 'off'}{shifts})", ""]
+             f"({result['images']} images of {result['dataset']}, tta {'on' if result['tta'] else 'off'})", ""]
     width = max(len(name) for name in CLASSES)
     lines.append(f"{'class':<{width}}  images  correct     acc")
     lines += [f"{r['name']:<{width}}  {r['images']:>6}  {r['correct']:>7}  {r['acc']:.4f}" for r in result["per_class"]]

@@ -112,11 +112,11 @@ def test_widths_and_kernels_from_the_command_line_or_yaml_build_that_network(tmp
 
 
 def test_the_new_model_keys_at_the_seeds_values_keep_existing_hashes():
-    """A config that leaves the later keys (model.widths, model.kernels, train.tta_shifts) at what earlier runs
+    """A config that leaves the later keys (model.widths, model.kernels) at what earlier runs
     computed hashes as those runs' configs did (their checkpoints resume, a sweep's study takes its
     worker back); any other value is a different run."""
     seed = load_config(None, [])
-    later = {"model.widths", "model.kernels", "train.tta_shifts"}
+    later = {"model.widths", "model.kernels"}
     assert not later & set(model_relevant(seed))
     # The hashes the code before these keys computed (git 2ed6483) for the defaults, cpu.yaml and fast.yaml.
     assert [config_hash(seed), config_hash(load_config(REPO / "configs/cpu.yaml")),
@@ -275,8 +275,6 @@ DIST_TIMEOUT_RANGE = "null (120 s on a CPU, 600 s on a GPU, 1800 s with train.co
     ("data.translate=15", "0 to 14 pixels"),
     ("data.erase=1.5", "a probability in [0, 1]"),
     ("train.ema_decay=1", "in [0, 1) (0 = off)"),
-    ("train.tta_shifts=3", "0 (off) to 2 pixels (of the 28-pixel image)"),
-    ("train.tta_shifts=-1", "0 (off) to 2 pixels (of the 28-pixel image)"),
     ("tracking.parent_run_id=../x", "null or an MLflow run id"),
     ("tracking.register_model=a@b", "null or a model name"),
     ("train.progress=fancy", "auto, bar, lines or off (true = auto, false = off)"),

@@ -177,13 +177,15 @@ def test_three_processes_evaluate_every_test_image_once(tmp_path):
 
 
 def test_eval_shards_cover_each_test_image_exactly_once():
+    from nin_dist.config import DataConfig
+
     split = load_split(data_dir(), "test")
     for world in (1, 2, 3, 7):
         bounds = [shard_range(len(split), rank, world) for rank in range(world)]
         assert bounds[0][0] == 0 and bounds[-1][1] == 10_000
         assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
         seen = torch.cat([index for rank in range(world)
-                          for _, _, index in eval_batches(split, 1000, rank, world)])
+                          for _, _, index in eval_batches(split, DataConfig(resize=28), 1000, rank, world)])
         assert torch.equal(seen.sort().values, torch.arange(10_000)), world
 
 

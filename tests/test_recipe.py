@@ -41,8 +41,7 @@ VAL = 48
 RECIPE = {"data__train_limit": 16 * STEPS_PER_EPOCH + VAL, "data__val_size": VAL, "data__test_limit": 100,
           "train__batch_size": 16, "train__epochs": 2, "train__precision": "fp64", "train__log_every": 50,
           "data__augment": True, "data__flip": True, "data__translate": 2, "data__erase": 0.5,
-          "train__ema_decay": 0.9, "train__tta": True, "train__tta_shifts": 1, "model__dropout": 0.1,
-          "model__width": 0.25}
+          "train__ema_decay": 0.9, "train__tta": True, "model__dropout": 0.1, "model__width": 0.25}
 # fp64 parameters; what is left is the rounding of sums over 2 x 8 images against sums over 16.
 REL_TOL = 1e-11
 WORLD_OF_ONE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"),

@@ -53,10 +53,9 @@ def model_requirements() -> list[str]:
     return mlflow.pytorch.get_default_pip_requirements()
 
 
-def save_model(model, images, data, tta, path: Path) -> None:
+def save_model(model, images, data, tta: bool, path: Path) -> None:
     """Save `model` (which must run on the CPU as it is) as the served MLflow model at `path`; `images`
-    (raw uint8 test images) are its examples, `data` (the run's `DataConfig`) its preprocessing and
-    `tta` (`nin_dist.evaluate.TTA` of the run's config) the views it averages."""
+    (raw uint8 test images) are its examples, `data` (the run's `DataConfig`) and `tta` its preprocessing."""
     import mlflow.pyfunc
 
     from nin_dist.classifier import export_classifier

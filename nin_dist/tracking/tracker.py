@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 from nin_dist.errors import TrackingError
-from nin_dist.evaluate import TTA
 from nin_dist.model_source import NETWORK_MODEL_NAME
 from nin_dist.tracking.mlflow_internals import system_metrics_monitor
 from nin_dist.tracking.redaction import quiet_run_links, redact, redact_error, redact_uri, run_link, secret_values
@@ -72,8 +71,7 @@ class MLflowTracker:
         self._timeout_s = tcfg.timeout_s
         self._log_model_enabled, self._system_metrics = tcfg.log_model, tcfg.system_metrics
         self._register_as = tcfg.register_model  # registered model name, or None
-        # What the logged model does before and after the network: the run's preprocessing and TTA views.
-        self._preprocessing = cfg.data, TTA.of(cfg.train)
+        self._preprocessing = cfg.data, cfg.train.tta  # what the logged model does before and after the network
         self.uri, source = resolve_uri(tcfg.uri)
         self._secrets = secret_values((tcfg.uri, self.uri))
         if self._system_metrics:

@@ -1,8 +1,8 @@
 """tracking.register_model, and the registered model in use through MLflow's own tools.
 
-One tiny real nin-train run (train.tta on, views shifted by 1 px) into a real sqlite store registers
-its model; the module's tests share it. Loaded back by alias with mlflow.pytorch, the plain network
-computes what the run's checkpoint computes. Served by `mlflow models serve -m models:/NAME/VERSION --env-manager local`
+One tiny real nin-train run (train.tta on) into a real sqlite store registers its model; the module's
+tests share it. Loaded back by alias with mlflow.pytorch, the plain network computes what the run's
+checkpoint computes. Served by `mlflow models serve -m models:/NAME/VERSION --env-manager local`
 on 127.0.0.1, the raw test images get the classes and probabilities `nin-eval --predictions` gives
 (to 1e-6) and the run's test/acc; so does batch scoring with `mlflow models predict`. Bad input gets
 HTTP 400 from the server and one line from `predict`. Then the tracker against a real server that
@@ -46,8 +46,8 @@ from nin_dist.tracking.spool import Spool
 pytestmark = pytest.mark.slow
 TEST_IMAGES = 100
 SMOKE = ["data.train_limit=256", f"data.test_limit={TEST_IMAGES}", "train.epochs=1", "train.batch_size=128",
-         "model.width=0.25", "train.tta=true", "train.tta_shifts=1", "train.progress=false", "train.threads=1",
-         "train.device=cpu", "tracking.system_metrics=false", "train.precision=fp32"]
+         "model.width=0.25", "train.tta=true", "train.progress=false", "train.threads=1", "train.device=cpu",
+         "tracking.system_metrics=false", "train.precision=fp32"]
 NAME = "nin-reg"
 
 

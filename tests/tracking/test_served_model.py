@@ -21,11 +21,10 @@ from mlflow.models import Model
 
 from nin_dist.classifier import RawImageClassifier
 from nin_dist.config import load_config
-from nin_dist.evaluate import TTA
 from nin_dist.model import build_model
 from nin_dist.tracking.saved_model import SERVED_CODE, save_model
 
-FAST = ["model.width=0.1", "train.tta_shifts=1", "train.device=cpu", "model.kernel=torch", "train.compile=false"]
+FAST = ["model.width=0.1", "train.device=cpu", "model.kernel=torch", "train.compile=false"]
 
 
 def served_code():
@@ -42,7 +41,7 @@ def fast_model(tmp_path_factory, splits):
     torch.manual_seed(0)
     net = build_model(cfg.model).portable_copy()
     path = tmp_path_factory.mktemp("fast") / "model"
-    save_model(net, splits[1].images[:2], cfg.data, TTA.of(cfg.train), path)
+    save_model(net, splits[1].images[:2], cfg.data, cfg.train.tta, path)
     return cfg, net, path
 
 
@@ -53,7 +52,7 @@ def test_a_224_px_model_serves_what_its_network_computes_in_chunks_sized_by_its_
     images = splits[1].images[:6]
     answer = loaded.predict(images.numpy())
     with torch.no_grad():
-        expected = RawImageClassifier(net, cfg.data, TTA.of(cfg.train))(images[:, None])
+        expected = RawImageClassifier(net, cfg.data, cfg.train.tta)(images[:, None])
     assert answer["label"].tolist() == expected.argmax(1).tolist()
     torch.testing.assert_close(torch.tensor(answer["probabilities"].tolist(), dtype=torch.float64), expected.double(),
                                atol=1e-6, rtol=0)

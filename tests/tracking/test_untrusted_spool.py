@@ -32,7 +32,6 @@ from mlflow_runs import TINY, artifact_paths, history
 from nin_dist.config import DataConfig
 from nin_dist.data import to_inputs
 from nin_dist.errors import RunDirError, TrackingError
-from nin_dist.evaluate import TTA
 from nin_dist.model import NiN
 from nin_dist.tracking import sync as sync_spool
 from nin_dist.tracking.saved_model import save_model, save_network
@@ -338,7 +337,7 @@ def saved(tmp_path_factory):
     net = NiN(TINY).eval()
     images = torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8)
     folder = tmp_path_factory.mktemp("saved")
-    save_model(net, images, DataConfig(resize=28), TTA(), folder / "model")
+    save_model(net, images, DataConfig(resize=28), False, folder / "model")
     save_network(net, images, DataConfig(resize=28), folder / "network")
     return net, to_inputs(images, DataConfig(resize=28)), folder / "model", folder / "network"
 
