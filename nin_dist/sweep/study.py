@@ -13,7 +13,8 @@ A worker (`Worker.run`), one of `--workers` threads of each nin-sweep process on
 2. Runs it as a nin-train job (`nin_dist.sweep.trial`) into `<sweep>/trial-N`, beating its heartbeat.
    A taken-over trial is run again *in place* (same number, values and folder): nin-train resumes
    its checkpoint and its MLflow run, so it is neither lost nor trained twice to the end; a trial
-   that had written metrics.json before its worker died is told from it without running again.
+   that had written metrics.json before its worker died is told from it without running again, and
+   one whose scored epochs already put it below the median is pruned without running again.
    A worker that finds its trial taken over (its machine came back after the grace period) stops
    its copy at once (SIGKILL: its checkpoint and MLflow run now belong to the new owner).
 3. Tells the study; when nothing is left to take, waits for the trials of the other workers (any
@@ -192,14 +193,16 @@ class Worker:
                          for key, value in values.items())
         final = read_final(folder) if resumed else None  # it ended before its worker could tell
         pruned_at, proc = None, None
-        if final is None:
+        if final is None and resumed:  # the epochs it scored before its worker died may already prune it
+            pruned_at = self._report(trial, folder) or self._prunes_now(trial)
+        if final is None and pruned_at is None:
             wait_until_free(folder)
             log.info("sweep: %s%s: %s", name, f" (worker {self.index})" if self.index else "", shown)
             proc = TrialProcess(command(plan.config, self.overrides, values, folder, name, plan.parent.run_id,
                                         plan.nproc), plan.folder / f"{name}.log", plan.env | self.env)
             pruned_at = self._watch(trial, proc, folder)
             final = read_final(folder) if pruned_at is None and proc.returncode == 0 else None
-        else:
+        elif final is not None:
             self._report(trial, folder)
         run_id = (final.run_id if final else None) or trial.user_attrs.get("mlflow_run_id")
         if pruned_at is not None:
@@ -241,6 +244,13 @@ class Worker:
             if epoch < self.plan.epochs and trial.should_prune():
                 return epoch
         return None
+
+    def _prunes_now(self, trial) -> int | None:
+        """The trial's last reported epoch when the pruner stops it there now (the other trials have moved
+        the median since it was reported), else None; the last epoch is never pruned."""
+        reported = trial.storage.get_trial(trial._trial_id).intermediate_values
+        last = max(reported, default=None)
+        return last if last is not None and last < self.plan.epochs and trial.should_prune() else None
 
     def _beat(self, trial) -> None:
         """The trial's heartbeat; TakenOver when another worker owns it now. Also a look at the other

@@ -149,3 +149,41 @@ def test_a_worker_back_after_its_trial_was_taken_over_stops_its_copy_at_once(tmp
         worker._watch(trial, proc, tmp_path / "trial-0")
     assert proc.returncode == -signal.SIGKILL and time.monotonic() - started < 5
     assert owner_of(study.trials[0]) == "node-9:77:0"  # still the new owner's
+
+
+class _ParentRecord:
+    """The parent run's calls, recorded: which end each child got (its MLflow side is the shared sweep's)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, *args))
+
+
+@pytest.mark.parametrize("reported_before", [False, True], ids=["scored-only", "scored-and-reported"])
+def test_a_taken_over_trial_below_the_median_is_pruned_without_starting_it_again(tmp_path, reported_before):
+    """A trial whose worker died after it scored epoch 1 (in its epochs.jsonl, and maybe reported to the
+    study) is taken over once two trials have done better there: the pruner stops it on that epoch, and
+    no process is started for it (no trial-2.log)."""
+    storage = Storage(f"journal:{tmp_path / JOURNAL}", 5)
+    study = open_study(storage, "median", {}, 1)
+    parent = _ParentRecord()
+    plan = Plan(storage, "median", {}, parent, tmp_path, "cfg.yaml", [], "val_acc", 2, 1, 3, 0, 1, 0, 0.2, 1.0,
+                None, {})
+    for acc in (0.8, 0.9):
+        done = study.ask()
+        done.report(acc, 1)
+        study.tell(done, acc)
+    dead = study.ask()
+    storage.beat(dead._trial_id, "node-9:77:0")
+    if reported_before:
+        dead.report(0.1, 1)
+    (tmp_path / "trial-2").mkdir()
+    (tmp_path / "trial-2" / "epochs.jsonl").write_text('{"epoch": 1, "val_acc": 0.1}\n')
+    worker = Worker(plan, 0, {}, [])
+    storage.beat(dead._trial_id, worker.owner)
+    worker.run_trial(optuna.trial.Trial(worker.study, dead._trial_id), resumed=True)
+    assert study.trials[2].state == optuna.trial.TrialState.PRUNED and study.trials[2].intermediate_values == {1: 0.1}
+    assert not (tmp_path / "trial-2.log").exists()  # never started again
+    assert ("child_ended", None, "PRUNED", 1) in parent.calls
