@@ -20,6 +20,7 @@ from test_pointwise_mlp import (
     NIN_SHAPES,
     _fp32_without_tf32,  # noqa: F401  (autouse: fp32 rows mean IEEE fp32)
     assert_matches,
+    fp64_backward,
     fused,
     make_inputs,
     reference,
@@ -65,15 +66,7 @@ def reference_with_kernel_masks(x, params, dy, y, h, relu_input=True):
     C = x.shape[1]
     layers = [nn.ReLU()] if relu_input else []
     layers += [nn.Conv2d(C, C, 1), MaskedReLU((h > 0).double()), nn.Conv2d(C, C, 1), MaskedReLU((y > 0).double())]
-    block = nn.Sequential(*layers).double().to(x.device)
-    convs = [m for m in block if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        for conv, (w, b) in zip(convs, (params[:2], params[2:]), strict=True):
-            conv.weight.copy_(w.double())
-            conv.bias.copy_(b.double())
-    xr = x.detach().double().requires_grad_()
-    block(xr).backward(dy.double())
-    return [xr.grad, convs[0].weight.grad, convs[0].bias.grad, convs[1].weight.grad, convs[1].bias.grad]
+    return fp64_backward(nn.Sequential(*layers).double().to(x.device), x, params, dy)[1]
 
 
 def assert_gradients_close(grads, grads_ref, tol):

@@ -89,10 +89,9 @@ def make_inputs(N: int, C: int, H: int, W: int, dtype=torch.float32, device=DEVI
     return (x.to(device, dtype), [p.to(device, dtype) for p in params], dy.to(device, dtype))
 
 
-def reference(x, params, dy, relu_input=True):
-    """(y, [dx, dw1, db1, dw2, db2]) from ref_block in float64 on copies of the inputs."""
-    C = x.shape[1]
-    block = ref_block(C, relu_input, x.dtype).to(x.device)
+def fp64_backward(block, x, params, dy):
+    """(y, [dx, dw1, db1, dw2, db2]) of `block` (float64, two 1x1 convs) with `params` in its convs, on
+    float64 copies of x and dy."""
     convs = [m for m in block if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
         for conv, (w, b) in zip(convs, (params[:2], params[2:]), strict=True):
@@ -102,6 +101,11 @@ def reference(x, params, dy, relu_input=True):
     y = block(xr)
     y.backward(dy.double())
     return y, [xr.grad, convs[0].weight.grad, convs[0].bias.grad, convs[1].weight.grad, convs[1].bias.grad]
+
+
+def reference(x, params, dy, relu_input=True):
+    """(y, [dx, dw1, db1, dw2, db2]) from ref_block in float64 on copies of the inputs."""
+    return fp64_backward(ref_block(x.shape[1], relu_input, x.dtype).to(x.device), x, params, dy)
 
 
 def fused(x, params, dy, relu_input=True):
