@@ -71,6 +71,18 @@ def _pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def default_threads(local_world_size: int, environ=os.environ) -> int:
+    """torch's intra-op threads for a CPU process when `train.threads` is null. Processes on one machine
+    share its cores (oversubscribing them makes every rank slower): cores / local processes. A process
+    alone on its machine takes `OMP_NUM_THREADS` instead when it is set to a count, as torch itself
+    would: that is the user's choice. With several local processes it is not read, since torchrun sets
+    it to 1 for them whenever the user did not."""
+    omp = environ.get("OMP_NUM_THREADS", "").strip()
+    if local_world_size == 1 and omp.isdigit() and int(omp) >= 1:
+        return int(omp)
+    return max(1, (os.cpu_count() or 1) // local_world_size)
+
+
 def init_distributed(device: str = "auto", threads: int | None = None, timeout_s: float | None = None,
                      compile: bool = False) -> DistInfo:
     """Read torchrun's environment, pick the device, and join the process group (if any) with a timeout
@@ -81,9 +93,7 @@ def init_distributed(device: str = "auto", threads: int | None = None, timeout_s
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     dev = _pick_device(device, local_rank)
     if dev.type == "cpu":
-        # Processes on one machine share its cores; oversubscribing them makes every rank slower.
-        cores = os.cpu_count() or 1
-        torch.set_num_threads(threads or max(1, cores // local_world_size))
+        torch.set_num_threads(threads or default_threads(local_world_size))
     else:
         torch.cuda.set_device(dev)
     backend, seconds = None, 0.0

@@ -13,6 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 # Hypothesis keeps caches in ./.hypothesis unless told otherwise; keep them out of the checkout.
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(tempfile.gettempdir()) / "nin-dist-hypothesis"))
 
+# The suite's test workers (3, pyproject.toml) share the machine's cores with every job they start:
+# each process takes one thread unless it says otherwise (a test's train.threads=N). Oversubscribed,
+# torch's OpenMP threads wait on each other and every job slows down. nin-train, as torch, reads
+# OMP_NUM_THREADS for a process alone on its machine (nin_dist.distributed.default_threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if os.environ["OMP_NUM_THREADS"].isdigit() and int(os.environ["OMP_NUM_THREADS"]) >= 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch read it at import, before this line
+
 # Triton reads TRITON_INTERPRET when it is first imported; without CUDA the kernels run on the CPU
 # interpreter, so set it before any test module can import triton.
 if not torch.cuda.is_available():

@@ -206,6 +206,28 @@ def test_a_config_error_under_torchrun_exits_2_on_every_rank(tmp_path):
     assert text1.startswith("nin-train: error: train.epochs=0 is not allowed: at least 1"), text1
 
 
+def test_a_lone_process_takes_omp_num_threads_and_local_ranks_share_the_cores(monkeypatch):
+    """train.threads null: OMP_NUM_THREADS (the user's, as torch reads it) for a process alone on its
+    machine; cores / local processes otherwise, since torchrun sets OMP_NUM_THREADS=1 for those itself."""
+    from nin_dist.distributed import default_threads, init_distributed
+
+    cores = os.cpu_count()
+    assert default_threads(1, {}) == cores and default_threads(2, {}) == max(1, cores // 2)
+    assert default_threads(1, {"OMP_NUM_THREADS": "3"}) == 3
+    assert default_threads(2, {"OMP_NUM_THREADS": "1"}) == max(1, cores // 2)  # torchrun's default, not read
+    assert default_threads(1, {"OMP_NUM_THREADS": "0"}) == default_threads(1, {"OMP_NUM_THREADS": "x"}) == cores
+    threads = torch.get_num_threads()
+    try:
+        for name, value in {"WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "OMP_NUM_THREADS": "3"}.items():
+            monkeypatch.setenv(name, value)
+        init_distributed("cpu")
+        assert torch.get_num_threads() == 3
+        init_distributed("cpu", threads=2)  # train.threads wins
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_nodes_are_torchruns_count_not_processes_over_processes_per_node(monkeypatch):
     """A job of 2 + 1 processes runs on 2 nodes, as torchrun's GROUP_WORLD_SIZE says on every worker;
     WORLD_SIZE // LOCAL_WORLD_SIZE made that 1 node on the first and 3 on the second. (The variable is
