@@ -204,8 +204,9 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda
-    threads: int | None = None  # torch intra-op threads per process; None = cores / local ranks (a lone
-    # process: OMP_NUM_THREADS when set)
+    # torch intra-op threads per process; None = cores / local ranks, or OMP_NUM_THREADS when set for a
+    # process alone on its machine (nin_dist.distributed.default_threads)
+    threads: int | None = None
     log_every: int = 50  # steps between train-loss logs (step 1, then every N)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
     bucket_cap_mb: float = 25.0  # DDP gradient bucket size, MiB
